@@ -1,0 +1,170 @@
+"""Shared test helpers: a real uvicorn on 127.0.0.1, real Socket.IO clients, tokens signed with a test secret."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SECRET = "test-secret-" + "x" * 40
+
+# Tests never see the developer's own GATEWAY_* variables; the module-level gateway uses the test secret.
+for name in [n for n in os.environ if n.startswith("GATEWAY_")]:
+    del os.environ[name]
+os.environ["GATEWAY_JWT_SECRET"] = SECRET
+sys.path.insert(0, str(ROOT))
+
+import socketio  # noqa: E402
+import uvicorn  # noqa: E402
+
+from auth import mint_token  # noqa: E402
+from gateway import SocketGateway, create_server, load_settings  # noqa: E402
+
+TIMEOUT = 10  # seconds any single wait may take before a test fails
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def token(user_id: str, ttl: float = 3600, secret: str = SECRET, **claims: Any) -> str:
+    return mint_token(user_id, secret, ttl, **claims)
+
+
+def make_gateway(**env: str) -> SocketGateway:
+    """A fresh gateway and Socket.IO server configured as GATEWAY_<name>=<value> for each keyword."""
+    environ = {"GATEWAY_JWT_SECRET": SECRET, **{f"GATEWAY_{k}": v for k, v in env.items()}}
+    settings = load_settings(environ)
+    return SocketGateway(create_server(settings), settings)
+
+
+def listening_socket() -> socket.socket:
+    """A socket bound to a free port on 127.0.0.1 and listening: clients may connect before the server runs."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(512)
+    return sock
+
+
+@contextlib.asynccontextmanager
+async def serve(app: Any) -> AsyncIterator[str]:
+    """Run `app` under a real uvicorn in this event loop; yield its base URL."""
+    sock = listening_socket()
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, TIMEOUT)
+        sock.close()
+
+
+async def eventually(condition: Callable[[], bool]) -> None:
+    """Wait until `condition()` holds, for state the server changes a moment after a client acts; fail after TIMEOUT."""
+    deadline = time.monotonic() + TIMEOUT
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition still false after {TIMEOUT} s")
+        await asyncio.sleep(0.005)
+
+
+class Client:
+    """A real python-socketio client that records every event it receives, in order."""
+
+    def __init__(self, **client_options: Any) -> None:
+        self.sio = socketio.AsyncClient(reconnection=False, **client_options)
+        self.events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        self.connect_error: Any = None
+        self.disconnected = asyncio.Event()
+        self.sio.on("*", self._record)
+        self.sio.on("connect_error", self._record_connect_error)
+        self.sio.on("disconnect", self._record_disconnect)
+
+    async def _record(self, event: str, *args: Any) -> None:
+        await self.events.put((event, args[0] if len(args) == 1 else args))
+
+    async def _record_connect_error(self, data: Any = None) -> None:
+        self.connect_error = data
+
+    async def _record_disconnect(self, reason: Any = None) -> None:
+        self.disconnected.set()
+
+    @property
+    def sid(self) -> str:
+        return self.sio.get_sid()
+
+    async def connect(
+        self, url: str, auth: Any = None, transports: list[str] | None = None, wait_timeout: float = TIMEOUT
+    ) -> None:
+        await self.sio.connect(url, auth=auth, transports=transports or ["websocket"], wait_timeout=wait_timeout)
+
+    async def next_event(self) -> tuple[str, Any]:
+        return await asyncio.wait_for(self.events.get(), TIMEOUT)
+
+    async def events_until(self, marker: str) -> list[tuple[str, Any]]:
+        """Every event received before `marker`; the server sends in order, so nothing else is still in flight."""
+        seen = []
+        while (event := await self.next_event())[0] != marker:
+            seen.append(event)
+        return seen
+
+    async def close(self) -> None:
+        if self.sio.connected:
+            await self.sio.disconnect()
+
+
+@contextlib.asynccontextmanager
+async def connected(url: str, *user_ids: str, **connect_options: Any) -> AsyncIterator[list[Client]]:
+    """One connected client per user id given (repeat an id for several tabs of one user)."""
+    clients = [Client() for _ in user_ids]
+    try:
+        for client, user_id in zip(clients, user_ids):
+            await client.connect(url, auth={"token": token(user_id)}, **connect_options)
+        yield clients
+    finally:
+        for client in clients:
+            await client.close()
+
+
+async def refusal(url: str, auth: Any, **connect_options: Any) -> Any:
+    """Connect with `auth`, expect a refusal, and return the connect_error payload the client got."""
+    client = Client()
+    with pytest.raises(socketio.exceptions.ConnectionError):
+        await client.connect(url, auth=auth, **connect_options)
+    await client.close()
+    return client.connect_error
+
+
+@contextlib.contextmanager
+def gateway_process(
+    *args: str, env: dict[str, str] | None = None, server: str = "uvicorn", app: str = "asgi:app"
+) -> Iterator[str]:
+    """Run `app` in its own server process on an inherited listening socket; yield the base URL."""
+    sock = listening_socket()
+    fd = sock.fileno()
+    command = {
+        "uvicorn": [sys.executable, "-m", "uvicorn", app, "--fd", str(fd), *args],
+        "hypercorn": [sys.executable, "-m", "hypercorn", app, "--bind", f"fd://{fd}", *args],
+    }[server]
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    full_env.update({"GATEWAY_JWT_SECRET": SECRET, **(env or {})})
+    process = subprocess.Popen(command, cwd=ROOT, env=full_env, pass_fds=[fd], stderr=subprocess.PIPE, text=True)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        process.terminate()
+        process.wait(TIMEOUT)
+        sock.close()

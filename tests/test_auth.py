@@ -1,0 +1,266 @@
+"""The JWT check itself (auth.py), without a server: every kind of bad token, and properties over all inputs."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from typing import Any
+
+import pytest
+from conftest import SECRET, token
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jose import jwt
+from starlette.config import Config
+
+from auth import MAX_TOKEN_BYTES, TokenRefused, authenticate, load_jwt_settings, verify_auth, verify_token
+
+HS = load_jwt_settings(Config(environ={"JWT_SECRET": SECRET}))
+RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+RSA_PRIVATE_PEM = RSA_KEY.private_bytes(
+    serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+).decode()
+RSA_PUBLIC_PEM = (
+    RSA_KEY.public_key()
+    .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    .decode()
+)
+RS = load_jwt_settings(Config(environ={"JWT_PUBLIC_KEY": RSA_PUBLIC_PEM, "JWT_ALGORITHMS": "RS256"}))
+
+
+def jwt_settings(**env: str):
+    return load_jwt_settings(Config(environ={"JWT_SECRET": SECRET, **env}))
+
+
+def signed(claims: dict[str, Any], key: str = SECRET, algorithm: str = "HS256") -> str:
+    return jwt.encode(claims, key, algorithm=algorithm)
+
+
+def reason(token: Any, settings=HS) -> str:
+    with pytest.raises(TokenRefused) as refused:
+        verify_token(token, settings)
+    return refused.value.reason
+
+
+def b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def unsigned(claims: dict[str, Any], algorithm: str = "none") -> str:
+    header = b64(json.dumps({"alg": algorithm, "typ": "JWT"}).encode())
+    return f"{header}.{b64(json.dumps(claims).encode())}."
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def test_valid_token_gives_the_user_id_and_expiry():
+    identity = verify_token(token("alice", ttl=60), HS)
+    assert identity.user_id == "alice"
+    assert now() + 55 <= identity.expires_at <= now() + 61
+
+
+def test_expired_token_is_refused_as_expired():
+    assert reason(signed({"sub": "alice", "exp": now() - 60})) == "expired"
+
+
+def test_token_expired_within_leeway_is_accepted():
+    assert verify_token(signed({"sub": "alice", "exp": now() - 5}), HS).user_id == "alice"
+    assert reason(signed({"sub": "alice", "exp": now() - 5}), jwt_settings(JWT_LEEWAY="0")) == "expired"
+
+
+def test_token_without_exp_is_refused():
+    assert reason(signed({"sub": "alice"})) == "invalid"
+
+
+def test_nbf_in_the_future_is_refused():
+    assert reason(signed({"sub": "alice", "exp": now() + 600, "nbf": now() + 300})) == "invalid"
+    assert verify_token(signed({"sub": "alice", "exp": now() + 600, "nbf": now() + 5}), HS).user_id == "alice"
+
+
+def test_iat_in_the_future_is_refused():
+    assert reason(signed({"sub": "alice", "exp": now() + 600, "iat": now() + 300})) == "invalid"
+    assert reason(signed({"sub": "alice", "exp": now() + 600, "iat": [1]})) == "invalid"
+
+
+@pytest.mark.parametrize("sub", [None, 42, "", ["alice"], {"id": 1}, "a" * 257, "bad\nid", "bad\x00id", "x\u2028y"])
+def test_user_claim_that_is_not_a_valid_user_id_is_refused(sub):
+    claims = {"exp": now() + 60} | ({} if sub is None else {"sub": sub})
+    assert reason(signed(claims)) == "invalid"
+
+
+def test_longest_user_id_and_unicode_are_accepted():
+    assert verify_token(token("a" * 256), HS).user_id == "a" * 256
+    assert verify_token(token("Zoë 👩‍💻"), HS).user_id == "Zoë 👩‍💻"
+
+
+def test_custom_user_claim():
+    settings = jwt_settings(JWT_USER_CLAIM="uid")
+    assert verify_token(signed({"uid": "7", "sub": "other", "exp": now() + 60}), settings).user_id == "7"
+    assert reason(signed({"sub": "7", "exp": now() + 60}), settings) == "invalid"
+
+
+def test_audience_and_issuer_must_match_when_configured():
+    settings = jwt_settings(JWT_AUDIENCE="gateway", JWT_ISSUER="https://login.example.com")
+    good = {"sub": "a", "exp": now() + 60, "aud": "gateway", "iss": "https://login.example.com"}
+    assert verify_token(signed(good), settings).user_id == "a"
+    assert reason(signed(good | {"aud": "other"}), settings) == "invalid"
+    assert reason(signed(good | {"iss": "https://evil.example.com"}), settings) == "invalid"
+    assert reason(signed({k: v for k, v in good.items() if k != "aud"}), settings) == "invalid"
+    assert reason(signed({k: v for k, v in good.items() if k != "iss"}), settings) == "invalid"
+
+
+def test_audience_in_token_is_ignored_when_not_configured():
+    assert verify_token(signed({"sub": "a", "exp": now() + 60, "aud": "anything"}), HS).user_id == "a"
+
+
+def test_token_signed_with_another_secret_is_refused():
+    assert reason(token("alice", secret="another-secret-" + "y" * 40)) == "invalid"
+
+
+def test_alg_none_is_refused():
+    assert reason(unsigned({"sub": "alice", "exp": now() + 60})) == "invalid"
+    assert reason(unsigned({"sub": "alice", "exp": now() + 60}, algorithm="None")) == "invalid"
+
+
+def test_disallowed_hmac_algorithm_is_refused():
+    assert reason(signed({"sub": "alice", "exp": now() + 60}, algorithm="HS512")) == "invalid"
+    assert verify_token(signed({"sub": "a", "exp": now() + 60}, algorithm="HS512"), jwt_settings(JWT_ALGORITHMS="HS512"))
+
+
+def test_rs256_token_is_accepted_with_the_public_key():
+    assert verify_token(signed({"sub": "r", "exp": now() + 60}, RSA_PRIVATE_PEM, "RS256"), RS).user_id == "r"
+
+
+def test_hs256_signed_with_the_rsa_public_key_is_refused_when_rs256_is_configured():
+    # The classic key-confusion attack: HMAC over the token with the public key text as the secret.
+    import hashlib
+    import hmac
+
+    header = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+    payload = b64(json.dumps({"sub": "mallory", "exp": now() + 60}).encode())
+    mac = hmac.new(RSA_PUBLIC_PEM.encode(), f"{header}.{payload}".encode(), hashlib.sha256).digest()
+    assert reason(f"{header}.{payload}.{b64(mac)}", RS) == "invalid"
+
+
+def test_es256_public_key_setup():
+    key = ec.generate_private_key(ec.SECP256R1())
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    public = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    settings = load_jwt_settings(Config(environ={"JWT_PUBLIC_KEY": public.decode(), "JWT_ALGORITHMS": "ES256"}))
+    assert verify_token(signed({"sub": "e", "exp": now() + 60}, private.decode(), "ES256"), settings).user_id == "e"
+    assert reason(signed({"sub": "e", "exp": now() + 60}, RSA_PRIVATE_PEM, "RS256"), settings) == "invalid"
+
+
+def test_public_key_can_be_a_file_path(tmp_path):
+    path = tmp_path / "key.pem"
+    path.write_text(RSA_PUBLIC_PEM)
+    settings = load_jwt_settings(Config(environ={"JWT_PUBLIC_KEY": str(path), "JWT_ALGORITHMS": "RS256,RS512"}))
+    assert verify_token(signed({"sub": "p", "exp": now() + 60}, RSA_PRIVATE_PEM, "RS512"), settings).user_id == "p"
+
+
+def test_token_of_100_kb_is_refused_before_decoding():
+    huge = token("alice") + "A" * 100_000
+    assert reason(huge) == "invalid"
+    assert reason("a." + "b" * MAX_TOKEN_BYTES + ".c") == "invalid"
+
+
+@pytest.mark.parametrize("value", [123, ["a.b.c"], {"token": "x"}, b"a.b.c", 1.5, True])
+def test_token_of_another_type_is_refused(value):
+    assert reason(value) == "invalid"
+
+
+@pytest.mark.parametrize("value", ["", "abc", "a.b", "a.b.c.d", "...", "a.b.c", "eyJhbGciOiJIUzI1NiJ9.e30."])
+def test_malformed_token_is_refused(value):
+    assert reason(value) == "invalid"
+
+
+def test_missing_token_is_refused_as_missing():
+    assert reason(None) == "missing"
+    with pytest.raises(TokenRefused) as refused:
+        verify_auth({}, HS)
+    assert refused.value.reason == "missing"
+
+
+@pytest.mark.parametrize("auth", ["a.b.c", ["token"], 42])
+def test_auth_payload_that_is_not_an_object_is_refused(auth):
+    with pytest.raises(TokenRefused) as refused:
+        verify_auth(auth, HS)
+    assert refused.value.reason == "invalid"
+
+
+def test_authenticate_returns_only_the_user_id():
+    assert authenticate({"token": token("bob")}, HS) == {"user_id": "bob"}
+    assert authenticate({"token": "nope"}, HS) is None
+    assert authenticate(None, HS) is None
+
+
+# ---- properties over all inputs ----------------------------------------------------------------
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=12,
+)
+anything = json_values | st.binary() | st.tuples(st.integers(), st.text()) | st.builds(object)
+
+
+@settings(max_examples=300)
+@given(auth=anything)
+def test_authenticate_never_raises_on_any_auth_payload(auth):
+    assert authenticate(auth, HS) is None or isinstance(authenticate(auth, HS)["user_id"], str)
+
+
+@settings(max_examples=300)
+@given(token_text=st.text(max_size=300) | st.from_regex(r"[A-Za-z0-9_\-]*\.[A-Za-z0-9_\-]*\.[A-Za-z0-9_\-]*"))
+def test_authenticate_never_raises_on_any_token_string(token_text):
+    assert authenticate({"token": token_text}, HS) is None
+
+
+claim_sets = st.dictionaries(
+    st.sampled_from(["sub", "exp", "nbf", "iat", "aud", "iss", "jti", "x"]), json_values, max_size=6
+)
+
+
+@settings(max_examples=300)
+@given(claims=claim_sets)
+def test_signed_claims_give_the_claimed_user_or_nothing(claims):
+    result = authenticate({"token": signed(claims)}, HS)
+    assert result is None or result == {"user_id": claims["sub"]}
+    if result is not None:  # then every rule held
+        assert isinstance(claims["exp"], (int, float)) and claims["exp"] >= now() - HS.leeway - 1
+
+
+@settings(max_examples=200)
+@given(user_id=st.text(min_size=1, max_size=256), ttl=st.integers(min_value=60, max_value=10**6))
+def test_any_valid_user_id_round_trips(user_id, ttl):
+    from auth import is_valid_user_id
+
+    expected = {"user_id": user_id} if is_valid_user_id(user_id) else None
+    assert authenticate({"token": token(user_id, ttl=ttl)}, HS) == expected
+
+
+@settings(max_examples=100)
+@given(
+    claims=claim_sets,
+    algorithm=st.sampled_from(["none", "None", "NONE", "HS256", "HS384", "HS512", "RS256"]),
+    forged_with=st.sampled_from(["wrong-secret", "public-key", "none"]),
+)
+def test_any_forged_token_is_refused(claims, algorithm, forged_with):
+    claims = {"sub": "victim", "exp": now() + 600, **claims}
+    if forged_with == "none":
+        forged = unsigned(claims, algorithm)
+    elif forged_with == "public-key":
+        forged = unsigned(claims, "HS256")[:-1] + b64(b"\x00" * 32)
+    else:
+        forged = signed(claims, "wrong-secret-" + "z" * 40, algorithm if algorithm.startswith("HS") else "HS256")
+    assert authenticate({"token": forged}, HS) is None
+    assert authenticate({"token": forged}, RS) is None

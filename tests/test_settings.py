@@ -1,0 +1,113 @@
+"""Start-up validation: each bad GATEWAY_* value stops the start with one line naming the variable."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, SECRET
+from test_auth import RSA_PRIVATE_PEM, RSA_PUBLIC_PEM
+
+from gateway import load_settings
+
+
+def settings_error(**env: str) -> str:
+    with pytest.raises(ValueError) as error:
+        load_settings({f"GATEWAY_{k}": v for k, v in env.items()})
+    return str(error.value)
+
+
+@pytest.mark.parametrize(
+    "env, names",
+    [
+        ({}, "GATEWAY_JWT_SECRET"),
+        ({"JWT_SECRET": SECRET, "JWT_PUBLIC_KEY": RSA_PUBLIC_PEM}, "exactly one"),
+        ({"JWT_SECRET": "too-short"}, "GATEWAY_JWT_SECRET must be at least 32 bytes"),
+        ({"JWT_SECRET": SECRET, "JWT_ALGORITHMS": "none"}, "GATEWAY_JWT_ALGORITHMS: 'none'"),
+        ({"JWT_SECRET": SECRET, "JWT_ALGORITHMS": "HS256,RS256"}, "GATEWAY_JWT_ALGORITHMS: 'RS256'"),
+        ({"JWT_SECRET": SECRET, "JWT_ALGORITHMS": " , "}, "GATEWAY_JWT_ALGORITHMS is empty"),
+        ({"JWT_PUBLIC_KEY": RSA_PUBLIC_PEM, "JWT_ALGORITHMS": "HS256"}, "GATEWAY_JWT_ALGORITHMS: 'HS256'"),
+        ({"JWT_PUBLIC_KEY": RSA_PUBLIC_PEM, "JWT_ALGORITHMS": "RS256,ES256"}, "GATEWAY_JWT_ALGORITHMS: 'ES256'"),
+        ({"JWT_PUBLIC_KEY": RSA_PUBLIC_PEM, "JWT_ALGORITHMS": "ES256"}, "GATEWAY_JWT_ALGORITHMS: 'ES256'"),
+        ({"JWT_PUBLIC_KEY": "-----BEGIN PUBLIC KEY-----\nnonsense\n", "JWT_ALGORITHMS": "RS256"}, "not a PEM public key"),
+        ({"JWT_PUBLIC_KEY": RSA_PRIVATE_PEM, "JWT_ALGORITHMS": "RS256"}, "a private key is refused"),
+        ({"JWT_PUBLIC_KEY": "/no/such/file.pem", "JWT_ALGORITHMS": "RS256"}, "GATEWAY_JWT_PUBLIC_KEY is neither"),
+        ({"JWT_SECRET": SECRET, "JWT_LEEWAY": "soon"}, "GATEWAY_JWT_LEEWAY"),
+        ({"JWT_SECRET": SECRET, "JWT_LEEWAY": "-1"}, "GATEWAY_JWT_LEEWAY"),
+        ({"JWT_SECRET": SECRET, "JWT_LEEWAY": "nan"}, "GATEWAY_JWT_LEEWAY"),
+        ({"JWT_SECRET": SECRET, "JWT_LEEWAY": "86400"}, "GATEWAY_JWT_LEEWAY"),
+        ({"JWT_SECRET": SECRET, "JWT_USER_CLAIM": " "}, "GATEWAY_JWT_USER_CLAIM"),
+        ({"JWT_SECRET": SECRET, "CORS_ORIGINS": "example.com"}, "GATEWAY_CORS_ORIGINS: 'example.com'"),
+        ({"JWT_SECRET": SECRET, "CORS_ORIGINS": "https://a.example/path"}, "GATEWAY_CORS_ORIGINS"),
+        ({"JWT_SECRET": SECRET, "MAX_MESSAGE_BYTES": "big"}, "GATEWAY_MAX_MESSAGE_BYTES"),
+        ({"JWT_SECRET": SECRET, "MAX_MESSAGE_BYTES": "100"}, "GATEWAY_MAX_MESSAGE_BYTES"),
+    ],
+)
+def test_bad_setting_is_refused_with_a_message_naming_it(env, names):
+    assert names in settings_error(**env)
+
+
+def test_secret_never_appears_in_errors_or_repr():
+    settings = load_settings({"GATEWAY_JWT_SECRET": SECRET})
+    assert SECRET not in repr(settings)
+    assert SECRET not in settings_error(JWT_SECRET=SECRET, JWT_ALGORITHMS="RS256")
+
+
+def test_cors_origins_are_parsed():
+    assert load_settings({"GATEWAY_JWT_SECRET": SECRET}).cors_origins is None
+    assert load_settings({"GATEWAY_JWT_SECRET": SECRET, "GATEWAY_CORS_ORIGINS": "*"}).cors_origins == "*"
+    parsed = load_settings({"GATEWAY_JWT_SECRET": SECRET, "GATEWAY_CORS_ORIGINS": "https://a.example, http://b:8080/"})
+    assert parsed.cors_origins == ["https://a.example", "http://b:8080"]
+
+
+def start_with(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    return subprocess.run(
+        [sys.executable, "-m", "uvicorn", "asgi:app", "--port", "0"],
+        cwd=ROOT,
+        env=clean | env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+@pytest.mark.parametrize(
+    "env, line",
+    [
+        ({}, "gateway: bad configuration: set exactly one of GATEWAY_JWT_SECRET"),
+        ({"GATEWAY_JWT_SECRET": "short"}, "gateway: bad configuration: GATEWAY_JWT_SECRET must be at least 32 bytes"),
+    ],
+)
+def test_uvicorn_refuses_to_start_with_one_clear_line(env, line):
+    result = start_with(env)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(line)
+
+
+def test_mint_token_command_prints_a_token_the_gateway_accepts():
+    from auth import authenticate, jwt_settings_from_env
+
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    result = subprocess.run(
+        [sys.executable, "auth.py", "token", "alice", "--ttl", "60"],
+        cwd=ROOT,
+        env=clean | {"GATEWAY_JWT_SECRET": SECRET},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    assert authenticate({"token": result.stdout.strip()}, jwt_settings_from_env()) == {"user_id": "alice"}
+
+
+def test_mint_token_command_without_a_secret_says_why():
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    result = subprocess.run(
+        [sys.executable, "auth.py", "token", "alice"], cwd=ROOT, env=clean, capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode != 0
+    assert result.stderr.strip().startswith("gateway: set exactly one of GATEWAY_JWT_SECRET")
