@@ -63,6 +63,8 @@ async def test_several_tabs_of_one_user_all_join_the_room(live):
         ({"token": token("alice", ttl=-3600)}, "token expired", "expired"),
         ({"token": token("")}, "invalid token", "invalid"),
         ({"tok": token("alice")}, "missing token", "missing"),
+        ("a.b.c", "invalid token", "invalid"),
+        (["token"], "invalid token", "invalid"),
     ],
 )
 async def test_bad_auth_is_refused_with_a_connect_error_a_client_can_show(live, auth, message, reason):
@@ -138,6 +140,8 @@ async def test_disconnect_removes_the_connection_from_every_room(live):
         assert "orders:7" not in all_rooms(gateway)
         assert "user:frank" not in all_rooms(gateway)
         assert set(all_rooms(gateway)[None]) == {grace.sid}
+        await eventually(lambda: len(gateway.sio.eio.sockets) == 1)
+        assert set(gateway.sio.environ) == set(gateway.sio.eio.sockets) == {grace.sio.eio.sid}
         assert await gateway.sio.get_session(grace.sid) == {"user_id": "grace"}
 
 
