@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+import hmac
+import json
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
 
 import socketio
 from starlette.applications import Starlette
@@ -11,12 +15,116 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, Route
 
-from gateway import SocketGateway, gateway
+from auth import is_valid_user_id
+from gateway import SocketGateway, check_event, check_room, client_address, gateway
+
+logger = logging.getLogger("gateway.publish")
+
+MAX_BATCH = 1000
+TARGETS = ("user_id", "room", "broadcast")
+MESSAGE_FIELDS = frozenset({*TARGETS, "event", "data"})
 
 
 async def health(request: Request) -> JSONResponse:
     """Liveness: the process is up and serving."""
     return JSONResponse({"status": "ok"})
+
+
+class PublishRefused(Exception):
+    def __init__(self, status: int, error: str, field: str | None = None) -> None:
+        super().__init__(error)
+        self.status, self.error, self.field = status, error, field
+
+
+def publish_route(gateway: SocketGateway) -> Route:
+    """POST /publish: a server-to-server way to reach users, rooms or everyone, with a bearer key."""
+    key = str(gateway.settings.publish_key).encode()
+    max_bytes = gateway.settings.publish_max_bytes
+
+    async def publish(request: Request) -> JSONResponse:
+        try:
+            if not hmac.compare_digest(bearer_token(request).encode(), key):
+                raise PublishRefused(401, "missing or wrong publish key")
+            messages = parse_messages(await read_json(request, max_bytes))
+        except PublishRefused as refused:
+            logger.info("publish refused for %s: %d %s", client_address(request.scope), refused.status, refused.error)
+            body = {"error": refused.error} | ({"field": refused.field} if refused.field else {})
+            headers = {"WWW-Authenticate": "Bearer"} if refused.status == 401 else None
+            return JSONResponse(body, status_code=refused.status, headers=headers)
+        for target, name, event, data in messages:
+            if target == "user_id":
+                await gateway.emit_to_user(name, event, data)
+            elif target == "room":
+                await gateway.emit_to_room(name, event, data)
+            else:
+                await gateway.broadcast(event, data)
+        return JSONResponse({"published": len(messages)})
+
+    return Route("/publish", publish, methods=["POST"])
+
+
+def bearer_token(request: Request) -> str:
+    scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
+    return credentials.strip() if scheme.lower() == "bearer" else ""
+
+
+async def read_json(request: Request, max_bytes: int) -> Any:
+    """The JSON body, refused with 415, 413 or 400 before more than `max_bytes` are read."""
+    if request.headers.get("content-type", "").partition(";")[0].strip().lower() != "application/json":
+        raise PublishRefused(415, "Content-Type must be application/json")
+    length = request.headers.get("content-length", "0")
+    if not length.isdigit() or int(length) > max_bytes:
+        raise PublishRefused(413, f"body larger than {max_bytes} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > max_bytes:
+            raise PublishRefused(413, f"body larger than {max_bytes} bytes")
+    try:
+        return json.loads(body, parse_constant=refuse_constant)
+    except (ValueError, RecursionError):
+        raise PublishRefused(400, "body is not valid JSON") from None
+
+
+def refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")  # NaN and Infinity: Python reads them, browsers do not
+
+
+def parse_messages(body: Any) -> list[tuple[str, Any, str, Any]]:
+    """One message object, or a list of them (a batch, applied in order); all are checked before any is sent."""
+    if isinstance(body, list):
+        if len(body) > MAX_BATCH:
+            raise PublishRefused(422, f"a batch holds at most {MAX_BATCH} messages")
+        return [parse_message(item, f"[{i}].") for i, item in enumerate(body)]
+    return [parse_message(body, "")]
+
+
+def parse_message(message: Any, at: str) -> tuple[str, Any, str, Any]:
+    if not isinstance(message, dict):
+        raise PublishRefused(422, "a message must be a JSON object", at.rstrip(".") or None)
+    for field in message:
+        if field not in MESSAGE_FIELDS:
+            raise PublishRefused(422, f"unknown field; expected {', '.join(sorted(MESSAGE_FIELDS))}", at + field)
+    targets = [field for field in TARGETS if field in message]
+    if len(targets) != 1:
+        raise PublishRefused(422, "name exactly one target: user_id, room or broadcast", at + "user_id|room|broadcast")
+    target = targets[0]
+    name = message[target]
+    if target == "user_id" and not is_valid_user_id(name):
+        raise PublishRefused(422, "user_id must be a non-empty string of at most 256 characters", at + target)
+    if target == "broadcast" and name is not True:
+        raise PublishRefused(422, "broadcast must be true", at + target)
+    if target == "room":
+        checked(check_room, name, at + "room")
+    return target, name, checked(check_event, message.get("event"), at + "event"), message.get("data")
+
+
+def checked(check: Callable[[Any], str], value: Any, field: str) -> str:
+    """Run one of the gateway's own argument checks, turning its ValueError into a 422 naming `field`."""
+    try:
+        return check(value)
+    except ValueError as error:
+        raise PublishRefused(422, str(error), field) from None
 
 
 def create_app(gateway: SocketGateway, routes: Sequence[BaseRoute] = ()) -> socketio.ASGIApp:
@@ -27,7 +135,10 @@ def create_app(gateway: SocketGateway, routes: Sequence[BaseRoute] = ()) -> sock
         yield
         await gateway.sio.shutdown()
 
-    http = Starlette(routes=[Route("/health", health), *routes], lifespan=lifespan)
+    own_routes = [Route("/health", health)]
+    if gateway.settings.publish_key is not None:
+        own_routes.append(publish_route(gateway))
+    http = Starlette(routes=[*own_routes, *routes], lifespan=lifespan)
     return socketio.ASGIApp(gateway.sio, other_asgi_app=http, socketio_path="socket.io")
 
 

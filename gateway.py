@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 
 import socketio
 from starlette.config import Config
+from starlette.datastructures import Secret
 
 from auth import JWTSettings, TokenRefused, is_valid_user_id, load_jwt_settings, verify_auth
 
@@ -22,6 +23,7 @@ MAX_ROOM_LENGTH = 512
 MIN_MESSAGE_BYTES = 9 * 1024  # a CONNECT packet carrying a token of the largest accepted size must fit
 # Event names the official JavaScript client reserves for itself; emitting them would break clients.
 RESERVED_EVENTS = frozenset({"connect", "connect_error", "disconnect", "disconnecting", "newListener", "removeListener"})
+MIN_PUBLISH_KEY_LENGTH = 32
 REFUSAL_MESSAGES = {"missing": "missing token", "invalid": "invalid token", "expired": "token expired"}
 
 
@@ -32,19 +34,33 @@ class Settings:
     jwt: JWTSettings
     cors_origins: list[str] | str | None  # None: same origin only; "*": any origin
     max_message_bytes: int
+    publish_key: Secret | None  # None: no HTTP publish API
+    publish_max_bytes: int
+
+    def __repr__(self) -> str:  # never print key material
+        return f"Settings(jwt={self.jwt!r}, cors_origins={self.cors_origins!r}, publish={self.publish_key is not None})"
 
 
 def load_settings(environ: Mapping[str, str] = os.environ) -> Settings:
     """Read every GATEWAY_* variable; raise ValueError with one sentence naming the bad one."""
     config = Config(environ=environ, env_prefix="GATEWAY_")
-    max_message_bytes = config("MAX_MESSAGE_BYTES", cast=int, default=16 * 1024)
-    if not MIN_MESSAGE_BYTES <= max_message_bytes <= 100 * 1024 * 1024:
-        raise ValueError(f"GATEWAY_MAX_MESSAGE_BYTES must be between {MIN_MESSAGE_BYTES} and 104857600")
+    publish_key = config("PUBLISH_KEY", cast=Secret, default="")
+    if str(publish_key) and len(str(publish_key)) < MIN_PUBLISH_KEY_LENGTH:
+        raise ValueError(f"GATEWAY_PUBLISH_KEY must be at least {MIN_PUBLISH_KEY_LENGTH} characters")
     return Settings(
         jwt=load_jwt_settings(config),
         cors_origins=parse_cors_origins(config("CORS_ORIGINS", default="")),
-        max_message_bytes=max_message_bytes,
+        max_message_bytes=int_setting(config, "MAX_MESSAGE_BYTES", 16 * 1024, MIN_MESSAGE_BYTES, 100 * 1024 * 1024),
+        publish_key=publish_key if str(publish_key) else None,
+        publish_max_bytes=int_setting(config, "PUBLISH_MAX_BYTES", 1024 * 1024, 1024, 100 * 1024 * 1024),
     )
+
+
+def int_setting(config: Config, name: str, default: int, low: int, high: int) -> int:
+    value = config(name, cast=int, default=default)
+    if not low <= value <= high:
+        raise ValueError(f"GATEWAY_{name} must be between {low} and {high}, got {value}")
+    return value
 
 
 def parse_cors_origins(value: str) -> list[str] | str | None:
@@ -81,9 +97,9 @@ def check_event(event: Any) -> str:
     return event
 
 
-def client_address(environ: Mapping[str, Any]) -> str:
-    """The peer's address; python-engineio's REMOTE_ADDR is a fixed 127.0.0.1 under ASGI."""
-    client = environ.get("asgi.scope", {}).get("client")
+def client_address(scope: Mapping[str, Any]) -> str:
+    """The peer's address from an ASGI scope (python-engineio's REMOTE_ADDR is a fixed 127.0.0.1 under ASGI)."""
+    client = scope.get("client")
     return f"{client[0]}:{client[1]}" if client else "unknown"
 
 
@@ -106,17 +122,18 @@ class SocketGateway:
         sio.on("disconnect", self.on_disconnect)
 
     async def on_connect(self, sid: str, environ: dict[str, Any], auth: Any) -> None:
+        address = client_address(environ["asgi.scope"])
         try:
             identity = verify_auth(auth, self.settings.jwt)
         except TokenRefused as refused:
-            logger.info("refused connection from %s: %s (%s)", client_address(environ), refused.reason, refused.detail)
+            logger.info("refused connection from %s: %s (%s)", address, refused.reason, refused.detail)
             self._close_transport_soon(sid)
             raise socketio.exceptions.ConnectionRefusedError(
                 REFUSAL_MESSAGES[refused.reason], {"reason": refused.reason}
             ) from None
         await self.sio.save_session(sid, {"user_id": identity.user_id})
         await self.sio.enter_room(sid, user_room(identity.user_id))
-        logger.debug("user %r connected as %s from %s", identity.user_id, sid, client_address(environ))
+        logger.debug("user %r connected as %s from %s", identity.user_id, sid, address)
 
     def _close_transport_soon(self, sid: str) -> None:
         """Close a refused client's Engine.IO connection right after its connect_error, so none lingers."""
