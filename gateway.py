@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Mapping
+import time
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -24,7 +25,13 @@ MIN_MESSAGE_BYTES = 9 * 1024  # a CONNECT packet carrying a token of the largest
 # Event names the official JavaScript client reserves for itself; emitting them would break clients.
 RESERVED_EVENTS = frozenset({"connect", "connect_error", "disconnect", "disconnecting", "newListener", "removeListener"})
 MIN_PUBLISH_KEY_LENGTH = 32
-REFUSAL_MESSAGES = {"missing": "missing token", "invalid": "invalid token", "expired": "token expired"}
+REFUSAL_MESSAGES = {
+    "missing": "missing token",
+    "invalid": "invalid token",
+    "expired": "token expired",
+    "limit": "too many connections",
+}
+END_EVENT = "gateway_disconnect"  # sent with {"reason": ...} just before the server ends a connection
 
 
 @dataclass(frozen=True)
@@ -34,6 +41,9 @@ class Settings:
     jwt: JWTSettings
     cors_origins: list[str] | str | None  # None: same origin only; "*": any origin
     max_message_bytes: int
+    max_connections_per_user: int
+    ping_interval: int
+    ping_timeout: int
     publish_key: Secret | None  # None: no HTTP publish API
     publish_max_bytes: int
 
@@ -51,6 +61,9 @@ def load_settings(environ: Mapping[str, str] = os.environ) -> Settings:
         jwt=load_jwt_settings(config),
         cors_origins=parse_cors_origins(config("CORS_ORIGINS", default="")),
         max_message_bytes=int_setting(config, "MAX_MESSAGE_BYTES", 16 * 1024, MIN_MESSAGE_BYTES, 100 * 1024 * 1024),
+        max_connections_per_user=int_setting(config, "MAX_CONNECTIONS_PER_USER", 32, 1, 1_000_000),
+        ping_interval=int_setting(config, "PING_INTERVAL", 25, 1, 300),
+        ping_timeout=int_setting(config, "PING_TIMEOUT", 20, 1, 300),
         publish_key=publish_key if str(publish_key) else None,
         publish_max_bytes=int_setting(config, "PUBLISH_MAX_BYTES", 1024 * 1024, 1024, 100 * 1024 * 1024),
     )
@@ -108,6 +121,8 @@ def create_server(settings: Settings) -> socketio.AsyncServer:
         async_mode="asgi",
         cors_allowed_origins=settings.cors_origins,
         max_http_buffer_size=settings.max_message_bytes,
+        ping_interval=settings.ping_interval,
+        ping_timeout=settings.ping_timeout,
     )
 
 
@@ -117,33 +132,90 @@ class SocketGateway:
     def __init__(self, sio: socketio.AsyncServer, settings: Settings) -> None:
         self.sio = sio
         self.settings = settings
+        self._deadlines: dict[str, asyncio.TimerHandle] = {}  # sid -> the timer that ends it when its token expires
         self._tasks: set[asyncio.Task[None]] = set()  # keeps background tasks referenced until they finish
         sio.on("connect", self.on_connect)
         sio.on("disconnect", self.on_disconnect)
+        sio.on("refresh", self.on_refresh)
 
     async def on_connect(self, sid: str, environ: dict[str, Any], auth: Any) -> None:
         address = client_address(environ["asgi.scope"])
         try:
             identity = verify_auth(auth, self.settings.jwt)
         except TokenRefused as refused:
-            logger.info("refused connection from %s: %s (%s)", address, refused.reason, refused.detail)
-            self._close_transport_soon(sid)
-            raise socketio.exceptions.ConnectionRefusedError(
-                REFUSAL_MESSAGES[refused.reason], {"reason": refused.reason}
-            ) from None
-        await self.sio.save_session(sid, {"user_id": identity.user_id})
-        await self.sio.enter_room(sid, user_room(identity.user_id))
+            raise self._refuse(sid, address, refused.reason, refused.detail) from None
+        room = user_room(identity.user_id)
+        # Enter first, then count: no await can slip another connection of this user in between.
+        await self.sio.enter_room(sid, room, namespace=NAMESPACE)
+        connections = self.connection_count(identity.user_id)
+        if connections > self.settings.max_connections_per_user:
+            raise self._refuse(sid, address, "limit", f"user {identity.user_id!r} has {connections - 1} connections")
+        await self.sio.save_session(sid, {"user_id": identity.user_id}, namespace=NAMESPACE)
+        self._end_at(sid, identity.expires_at)
         logger.debug("user %r connected as %s from %s", identity.user_id, sid, address)
 
-    def _close_transport_soon(self, sid: str) -> None:
-        """Close a refused client's Engine.IO connection right after its connect_error, so none lingers."""
-        eio_sid = self.sio.manager.eio_sid_from_sid(sid, NAMESPACE)
-        task = asyncio.create_task(self.sio.eio.disconnect(eio_sid))
+    def _refuse(self, sid: str, address: str, reason: str, detail: str) -> Exception:
+        """Log a refusal and close the client's transport once its connect_error is on the way."""
+        logger.info("refused connection from %s: %s (%s)", address, reason, detail)
+        # python-socketio sends the connect_error and forgets the sid (rooms included) when the handler raises;
+        # this task runs after that, and closes the Engine.IO connection so nothing of the client lingers.
+        self._spawn(self.sio.eio.disconnect(self.sio.manager.eio_sid_from_sid(sid, NAMESPACE)))
+        return socketio.exceptions.ConnectionRefusedError(REFUSAL_MESSAGES[reason], {"reason": reason})
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def on_disconnect(self, sid: str, reason: str) -> None:
+        if deadline := self._deadlines.pop(sid, None):
+            deadline.cancel()
         logger.debug("%s disconnected", sid, extra={"reason": reason})
+
+    async def on_refresh(self, sid: str, *args: Any) -> dict[str, Any]:
+        """The client's `refresh` event: a new token of the same user moves its connection's deadline."""
+        try:
+            identity = verify_auth(args[0] if len(args) == 1 else args or None, self.settings.jwt)
+        except TokenRefused as refused:
+            return {"ok": False, "reason": refused.reason, "error": REFUSAL_MESSAGES[refused.reason]}
+        if sid not in self._deadlines:  # disconnected while the token was checked
+            return {"ok": False, "reason": "invalid", "error": "not connected"}
+        session = await self.sio.get_session(sid, namespace=NAMESPACE)
+        if identity.user_id != session["user_id"]:
+            return {"ok": False, "reason": "invalid", "error": "token is for another user"}
+        self._end_at(sid, identity.expires_at)
+        return {"ok": True, "expires_at": identity.expires_at}
+
+    def _end_at(self, sid: str, expires_at: float) -> None:
+        """One timer per connection (no task until it fires): end it when its token expires, leeway included."""
+        if deadline := self._deadlines.pop(sid, None):
+            deadline.cancel()
+        delay = max(0.0, expires_at + self.settings.jwt.leeway - time.time())
+        self._deadlines[sid] = asyncio.get_running_loop().call_later(delay, self._expire, sid)
+
+    def _expire(self, sid: str) -> None:
+        self._deadlines.pop(sid, None)
+        logger.info("%s disconnected: token expired", sid)
+        self._spawn(self._end(sid, "token_expired"))
+
+    async def _end(self, sid: str, reason: str) -> None:
+        """Tell one connection why the server ends it (the END_EVENT), then end it."""
+        await self._emit(END_EVENT, {"reason": reason}, sid)
+        await self.sio.disconnect(sid, namespace=NAMESPACE)
+
+    def connection_count(self, user_id: str) -> int:
+        """How many connections `user_id` has on this node."""
+        return len(self.sio.manager.rooms.get(NAMESPACE, {}).get(user_room(user_id), ()))
+
+    async def disconnect_user(self, user_id: str) -> int:
+        """Log a user out: end every connection of `user_id`; return how many were closed here. A coroutine."""
+        if not is_valid_user_id(user_id):
+            raise ValueError(f"user_id must be a valid user id, got {user_id!r:.80}")
+        sids = [sid for sid, _ in self.sio.manager.get_participants(NAMESPACE, user_room(user_id))]
+        for sid in sids:
+            await self._end(sid, "logout")
+        logger.info("logged out user %r: %d connections closed", user_id, len(sids))
+        return len(sids)
 
     async def emit_to_user(self, user_id: str, event: str, data: Any = None) -> None:
         """Send to every connection of one user. This is a coroutine."""

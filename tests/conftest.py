@@ -89,6 +89,7 @@ class Client:
         self.events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         self.connect_error: Any = None
         self.disconnected = asyncio.Event()
+        self.disconnect_reason: Any = None
         self.sio.on("*", self._record)
         self.sio.on("connect_error", self._record_connect_error)
         self.sio.on("disconnect", self._record_disconnect)
@@ -100,7 +101,12 @@ class Client:
         self.connect_error = data
 
     async def _record_disconnect(self, reason: Any = None) -> None:
+        self.disconnect_reason = reason
         self.disconnected.set()
+
+    async def wait_disconnected(self) -> Any:
+        await asyncio.wait_for(self.disconnected.wait(), TIMEOUT)
+        return self.disconnect_reason
 
     @property
     def sid(self) -> str:
@@ -151,8 +157,8 @@ async def refusal(url: str, auth: Any, **connect_options: Any) -> Any:
 @contextlib.contextmanager
 def gateway_process(
     *args: str, env: dict[str, str] | None = None, server: str = "uvicorn", app: str = "asgi:app"
-) -> Iterator[str]:
-    """Run `app` in its own server process on an inherited listening socket; yield the base URL."""
+) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    """Run `app` in its own server process on an inherited listening socket; yield (base URL, process)."""
     sock = listening_socket()
     fd = sock.fileno()
     command = {
@@ -163,7 +169,7 @@ def gateway_process(
     full_env.update({"GATEWAY_JWT_SECRET": SECRET, **(env or {})})
     process = subprocess.Popen(command, cwd=ROOT, env=full_env, pass_fds=[fd], stderr=subprocess.PIPE, text=True)
     try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}", process
     finally:
         process.terminate()
         process.wait(TIMEOUT)

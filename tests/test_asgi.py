@@ -64,14 +64,14 @@ async def test_extra_routes_of_the_backend_share_the_app():
 
 
 def test_uvicorn_command_line_serves_the_app():
-    with gateway_process() as url:
+    with gateway_process() as (url, _):
         status, _, body = get(f"{url}/health")  # the socket listens already; this waits for the server
         assert (status, json.loads(body)) == (200, {"status": "ok"})
         asyncio.run(check_accepts_and_refuses(url))
 
 
 def test_hypercorn_serves_the_same_app():
-    with gateway_process(server="hypercorn") as url:
+    with gateway_process(server="hypercorn") as (url, _):
         status, _, body = get(f"{url}/health")  # the socket listens already; this waits for the server
         assert (status, json.loads(body)) == (200, {"status": "ok"})
         asyncio.run(check_accepts_and_refuses(url))
@@ -127,7 +127,7 @@ async def test_message_over_the_limit_closes_that_connection_only():
 
 
 def test_notify_example_pushes_to_a_connected_user():
-    with gateway_process(app="examples.notify:app") as url:
+    with gateway_process(app="examples.notify:app") as (url, _):
 
         async def scenario() -> None:
             async with connected(url, "alice") as [alice]:
