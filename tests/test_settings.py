@@ -43,6 +43,11 @@ def settings_error(**env: str) -> str:
         ({"JWT_SECRET": SECRET, "CORS_ORIGINS": "https://a.example/path"}, "GATEWAY_CORS_ORIGINS"),
         ({"JWT_SECRET": SECRET, "MAX_MESSAGE_BYTES": "big"}, "GATEWAY_MAX_MESSAGE_BYTES"),
         ({"JWT_SECRET": SECRET, "MAX_MESSAGE_BYTES": "100"}, "GATEWAY_MAX_MESSAGE_BYTES"),
+        ({"JWT_SECRET": SECRET, "MAX_CONNECTIONS_PER_USER": "0"}, "GATEWAY_MAX_CONNECTIONS_PER_USER must be between"),
+        ({"JWT_SECRET": SECRET, "PING_INTERVAL": "often"}, "GATEWAY_PING_INTERVAL"),
+        ({"JWT_SECRET": SECRET, "PING_TIMEOUT": "0"}, "GATEWAY_PING_TIMEOUT must be between"),
+        ({"JWT_SECRET": SECRET, "PUBLISH_KEY": "k" * 31}, "GATEWAY_PUBLISH_KEY must be at least 32"),
+        ({"JWT_SECRET": SECRET, "PUBLISH_MAX_BYTES": "10"}, "GATEWAY_PUBLISH_MAX_BYTES must be between"),
     ],
 )
 def test_bad_setting_is_refused_with_a_message_naming_it(env, names):
