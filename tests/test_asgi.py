@@ -7,6 +7,7 @@ import json
 import urllib.request
 
 import pytest
+import socketio
 from conftest import Client, connected, eventually, gateway_process, make_gateway, refusal, serve, token
 
 from asgi import create_app
@@ -102,7 +103,7 @@ async def test_cross_origin_request_is_refused_unless_the_origin_is_allowed():
 async def test_websocket_from_a_foreign_origin_is_refused():
     async with serve(create_app(make_gateway(CORS_ORIGINS="https://app.example"))) as url:
         client = Client()
-        with pytest.raises(Exception):
+        with pytest.raises(socketio.exceptions.ConnectionError):
             await client.sio.connect(
                 url, auth={"token": token("alice")}, transports=["websocket"], wait_timeout=2,
                 headers={"Origin": "https://evil.example"},

@@ -6,6 +6,7 @@ import logging
 import time
 
 import pytest
+import socketio
 from conftest import Client, connected, eventually, make_gateway, refusal, serve, token
 from jose import jwt
 from test_auth import unsigned
@@ -97,7 +98,7 @@ async def test_refusal_over_long_polling_too(live):
 async def test_expired_client_can_retry_with_a_fresh_token(live):
     gateway, url = live
     client = Client()
-    with pytest.raises(Exception):
+    with pytest.raises(socketio.exceptions.ConnectionError):
         await client.connect(url, auth={"token": token("carol", ttl=-60)})
     assert client.connect_error["data"]["reason"] == "expired"
     await client.connect(url, auth={"token": token("carol")})

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 
 import pytest
+import socketio
 from conftest import Client, connected, eventually, gateway_process, make_gateway, refusal, serve, token
 
 from asgi import create_app
@@ -50,8 +52,7 @@ async def test_refresh_before_expiry_keeps_the_connection_past_the_old_exp(live)
 
 
 def control_deadline(gateway, client: Client) -> float:
-    import time
-
+    """The unix time at which the gateway will end `client`'s connection."""
     return time.time() + gateway._deadlines[client.sid].when() - asyncio.get_running_loop().time()
 
 
@@ -134,7 +135,7 @@ async def one_cycle(url: str, n: int) -> None:
     """Connect and leave; every fifth attempt has an expired token and is refused."""
     client = Client()
     if n % 5 == 4:
-        with pytest.raises(Exception):
+        with pytest.raises(socketio.exceptions.ConnectionError):
             await client.connect(url, auth={"token": token(f"user{n % 7}", ttl=-60)})
     else:
         await client.connect(url, auth={"token": token(f"user{n % 7}", ttl=60)})

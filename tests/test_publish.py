@@ -105,7 +105,9 @@ async def test_wrong_content_type_is_415(live):
     assert status == 415
 
 
-@pytest.mark.parametrize("raw", [b"{", b"not json", b"\xff\xfe", b'{"broadcast": true, "event": "x", "data": NaN}', b"[" * 4000])
+@pytest.mark.parametrize(
+    "raw", [b"{", b"not json", b"\xff\xfe", b'{"broadcast": true, "event": "x", "data": NaN}', b"[" * 4000]
+)
 async def test_body_that_is_not_json_is_400(live, raw):
     url, http = live
     assert (await post(http, url, raw=raw))[0] == 400
