@@ -15,8 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, Route
 
-from auth import is_valid_user_id
-from gateway import SocketGateway, check_event, check_room, client_address, gateway
+from gateway import SocketGateway, check_event, check_room, check_user_id, client_address, gateway
 
 logger = logging.getLogger("gateway.publish")
 
@@ -110,12 +109,12 @@ def parse_message(message: Any, at: str) -> tuple[str, Any, str, Any]:
         raise PublishRefused(422, "name exactly one target: user_id, room or broadcast", at + "user_id|room|broadcast")
     target = targets[0]
     name = message[target]
-    if target == "user_id" and not is_valid_user_id(name):
-        raise PublishRefused(422, "user_id must be a non-empty string of at most 256 characters", at + target)
     if target == "broadcast" and name is not True:
         raise PublishRefused(422, "broadcast must be true", at + target)
+    if target == "user_id":
+        checked(check_user_id, name, at + target)
     if target == "room":
-        checked(check_room, name, at + "room")
+        checked(check_room, name, at + target)
     return target, name, checked(check_event, message.get("event"), at + "event"), message.get("data")
 
 

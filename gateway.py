@@ -54,8 +54,8 @@ class Settings:
 def load_settings(environ: Mapping[str, str] = os.environ) -> Settings:
     """Read every GATEWAY_* variable; raise ValueError with one sentence naming the bad one."""
     config = Config(environ=environ, env_prefix="GATEWAY_")
-    publish_key = config("PUBLISH_KEY", cast=Secret, default="")
-    if str(publish_key) and len(str(publish_key)) < MIN_PUBLISH_KEY_LENGTH:
+    publish_key = config("PUBLISH_KEY", default="")
+    if publish_key and len(publish_key) < MIN_PUBLISH_KEY_LENGTH:
         raise ValueError(f"GATEWAY_PUBLISH_KEY must be at least {MIN_PUBLISH_KEY_LENGTH} characters")
     return Settings(
         jwt=load_jwt_settings(config),
@@ -64,7 +64,7 @@ def load_settings(environ: Mapping[str, str] = os.environ) -> Settings:
         max_connections_per_user=int_setting(config, "MAX_CONNECTIONS_PER_USER", 32, 1, 1_000_000),
         ping_interval=int_setting(config, "PING_INTERVAL", 25, 1, 300),
         ping_timeout=int_setting(config, "PING_TIMEOUT", 20, 1, 300),
-        publish_key=publish_key if str(publish_key) else None,
+        publish_key=Secret(publish_key) if publish_key else None,
         publish_max_bytes=int_setting(config, "PUBLISH_MAX_BYTES", 1024 * 1024, 1024, 100 * 1024 * 1024),
     )
 
@@ -92,6 +92,15 @@ def parse_cors_origins(value: str) -> list[str] | str | None:
 def user_room(user_id: str) -> str:
     """The room every connection of one user joins."""
     return f"user:{user_id}"
+
+
+def check_user_id(user_id: Any) -> str:
+    if not is_valid_user_id(user_id):
+        raise ValueError(
+            f"user_id must be a non-empty string of at most 256 characters without control characters, "
+            f"got {user_id!r:.80}"
+        )
+    return user_id
 
 
 def check_room(room: Any) -> str:
@@ -168,8 +177,7 @@ class SocketGateway:
         task.add_done_callback(self._tasks.discard)
 
     async def on_disconnect(self, sid: str, reason: str) -> None:
-        if deadline := self._deadlines.pop(sid, None):
-            deadline.cancel()
+        self._cancel_deadline(sid)
         logger.debug("%s disconnected", sid, extra={"reason": reason})
 
     async def on_refresh(self, sid: str, *args: Any) -> dict[str, Any]:
@@ -188,10 +196,13 @@ class SocketGateway:
 
     def _end_at(self, sid: str, expires_at: float) -> None:
         """One timer per connection (no task until it fires): end it when its token expires, leeway included."""
-        if deadline := self._deadlines.pop(sid, None):
-            deadline.cancel()
+        self._cancel_deadline(sid)
         delay = max(0.0, expires_at + self.settings.jwt.leeway - time.time())
         self._deadlines[sid] = asyncio.get_running_loop().call_later(delay, self._expire, sid)
+
+    def _cancel_deadline(self, sid: str) -> None:
+        if deadline := self._deadlines.pop(sid, None):
+            deadline.cancel()
 
     def _expire(self, sid: str) -> None:
         self._deadlines.pop(sid, None)
@@ -209,9 +220,7 @@ class SocketGateway:
 
     async def disconnect_user(self, user_id: str) -> int:
         """Log a user out: end every connection of `user_id`; return how many were closed here. A coroutine."""
-        if not is_valid_user_id(user_id):
-            raise ValueError(f"user_id must be a valid user id, got {user_id!r:.80}")
-        sids = [sid for sid, _ in self.sio.manager.get_participants(NAMESPACE, user_room(user_id))]
+        sids = [sid for sid, _ in self.sio.manager.get_participants(NAMESPACE, user_room(check_user_id(user_id)))]
         for sid in sids:
             await self._end(sid, "logout")
         logger.info("logged out user %r: %d connections closed", user_id, len(sids))
@@ -219,9 +228,7 @@ class SocketGateway:
 
     async def emit_to_user(self, user_id: str, event: str, data: Any = None) -> None:
         """Send to every connection of one user. This is a coroutine."""
-        if not is_valid_user_id(user_id):
-            raise ValueError(f"user_id must be a valid user id, got {user_id!r:.80}")
-        await self._emit(event, data, user_room(user_id))
+        await self._emit(event, data, user_room(check_user_id(user_id)))
 
     async def emit_to_room(self, room: str, event: str, data: Any = None) -> None:
         """Send to every connection in `room`. This is a coroutine."""
