@@ -29,6 +29,17 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ok"})
 
 
+def ready_route(gateway: SocketGateway) -> Route:
+    """Readiness: 200 when this node can serve, 503 with the reason while Redis (when configured) is unreachable."""
+
+    async def ready(request: Request) -> JSONResponse:
+        if problem := await gateway.redis_problem():
+            return JSONResponse({"status": "unavailable", "reason": problem}, status_code=503)
+        return JSONResponse({"status": "ready"})
+
+    return Route("/ready", ready)
+
+
 class PublishRefused(Exception):
     def __init__(self, status: int, error: str, field: str | None = None) -> None:
         super().__init__(error)
@@ -131,10 +142,11 @@ def create_app(gateway: SocketGateway, routes: Sequence[BaseRoute] = ()) -> sock
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        gateway.start()
         yield
         await gateway.sio.shutdown()
 
-    own_routes = [Route("/health", health)]
+    own_routes = [Route("/health", health), ready_route(gateway)]
     if gateway.settings.publish_key is not None:
         own_routes.append(publish_route(gateway))
     http = Starlette(routes=[*own_routes, *routes], lifespan=lifespan)

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import time
-from collections.abc import Coroutine, Mapping
+from collections.abc import AsyncIterator, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
 import socketio
+from socketio.async_pubsub_manager import AsyncPubSubManager
 from starlette.config import Config
 from starlette.datastructures import Secret
 
@@ -22,8 +24,15 @@ logger = logging.getLogger("gateway")
 NAMESPACE = "/"
 MAX_ROOM_LENGTH = 512
 MIN_MESSAGE_BYTES = 9 * 1024  # a CONNECT packet carrying a token of the largest accepted size must fit
-# Event names the official JavaScript client reserves for itself; emitting them would break clients.
-RESERVED_EVENTS = frozenset({"connect", "connect_error", "disconnect", "disconnecting", "newListener", "removeListener"})
+END_EVENT = "gateway_disconnect"  # sent with {"reason": ...} just before the server ends a connection
+# Event names the official JavaScript client reserves for itself (emitting them would break clients), and ours.
+RESERVED_EVENTS = frozenset(
+    {"connect", "connect_error", "disconnect", "disconnecting", "newListener", "removeListener", END_EVENT}
+)
+DEFAULT_REDIS_CHANNEL = "socket-gateway"
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+REDIS_PING_TIMEOUT = 2.0
+TRANSPORTS = ("polling", "websocket")
 MIN_PUBLISH_KEY_LENGTH = 32
 REFUSAL_MESSAGES = {
     "missing": "missing token",
@@ -31,7 +40,6 @@ REFUSAL_MESSAGES = {
     "expired": "token expired",
     "limit": "too many connections",
 }
-END_EVENT = "gateway_disconnect"  # sent with {"reason": ...} just before the server ends a connection
 
 
 @dataclass(frozen=True)
@@ -46,9 +54,15 @@ class Settings:
     ping_timeout: int
     publish_key: Secret | None  # None: no HTTP publish API
     publish_max_bytes: int
+    redis_url: str | None  # None: one process, in-memory rooms
+    redis_channel: str
+    transports: list[str]
 
     def __repr__(self) -> str:  # never print key material
-        return f"Settings(jwt={self.jwt!r}, cors_origins={self.cors_origins!r}, publish={self.publish_key is not None})"
+        return (
+            f"Settings(jwt={self.jwt!r}, cors_origins={self.cors_origins!r}, "
+            f"publish={self.publish_key is not None}, redis={self.redis_url is not None})"
+        )
 
 
 def load_settings(environ: Mapping[str, str] = os.environ) -> Settings:
@@ -66,7 +80,26 @@ def load_settings(environ: Mapping[str, str] = os.environ) -> Settings:
         ping_timeout=int_setting(config, "PING_TIMEOUT", 20, 1, 300),
         publish_key=Secret(publish_key) if publish_key else None,
         publish_max_bytes=int_setting(config, "PUBLISH_MAX_BYTES", 1024 * 1024, 1024, 100 * 1024 * 1024),
+        redis_url=parse_redis_url(config("REDIS_URL", default="")),
+        redis_channel=config("REDIS_CHANNEL", default=DEFAULT_REDIS_CHANNEL).strip() or DEFAULT_REDIS_CHANNEL,
+        transports=parse_transports(config("TRANSPORTS", default=",".join(TRANSPORTS))),
     )
+
+
+def parse_redis_url(value: str) -> str | None:
+    if not value.strip():
+        return None
+    scheme = urlsplit(value.strip()).scheme
+    if scheme not in REDIS_SCHEMES:  # the URL may hold a password: name only its scheme
+        raise ValueError(f"GATEWAY_REDIS_URL must start with redis://, rediss:// or unix://, not {scheme or 'nothing'!r}")
+    return value.strip()
+
+
+def parse_transports(value: str) -> list[str]:
+    transports = [t.strip() for t in value.split(",") if t.strip()]
+    if not transports or any(t not in TRANSPORTS for t in transports):
+        raise ValueError(f"GATEWAY_TRANSPORTS must be websocket, polling or both, comma-separated; got {value!r}")
+    return transports
 
 
 def int_setting(config: Config, name: str, default: int, low: int, high: int) -> int:
@@ -125,20 +158,117 @@ def client_address(scope: Mapping[str, Any]) -> str:
     return f"{client[0]}:{client[1]}" if client else "unknown"
 
 
+class GatewayManager(socketio.AsyncManager):
+    """python-socketio's in-memory client manager, plus one rule: END_EVENT sent to a room also ends its connections.
+
+    That rule is what lets a logout reach every node: the Redis manager below delivers through this class.
+    """
+
+    async def emit(self, event: str, data: Any, namespace: str, room: Any = None, **kwargs: Any) -> None:
+        ending = [sid for sid, _ in self.get_participants(namespace, room)] if event == END_EVENT and room else []
+        await super().emit(event, data, namespace, room=room, **kwargs)
+        for sid in ending:
+            await self.server.disconnect(sid, namespace=namespace, ignore_queue=True)
+
+
+class GatewayRedisManager(socketio.AsyncRedisManager, GatewayManager):
+    """python-socketio's Redis manager (its local delivery goes through GatewayManager) that logs foreign messages."""
+
+    async def _listen(self) -> AsyncIterator[Any]:
+        async for message in super()._listen():
+            try:
+                data = json.loads(message)
+            except (ValueError, TypeError):
+                data = None
+            if isinstance(data, dict) and isinstance(data.get("method"), str):
+                yield data
+            else:
+                logger.warning(
+                    "ignored a message on Redis channel %r that is not the gateway's: %.80r", self.channel, message
+                )
+
+
 def create_server(settings: Settings) -> socketio.AsyncServer:
+    if settings.redis_url:
+        manager: socketio.AsyncManager = GatewayRedisManager(settings.redis_url, channel=settings.redis_channel)
+    else:
+        manager = GatewayManager()
     return socketio.AsyncServer(
+        client_manager=manager,
         async_mode="asgi",
         cors_allowed_origins=settings.cors_origins,
         max_http_buffer_size=settings.max_message_bytes,
         ping_interval=settings.ping_interval,
         ping_timeout=settings.ping_timeout,
+        transports=settings.transports,
     )
 
 
-class SocketGateway:
-    """The backend's handle on connected users; registers the server's connect and disconnect handlers."""
+class Emitter:
+    """Reach users, rooms or everyone through a python-socketio client manager.
+
+    The gateway's own manager delivers to this node's connections (and, with Redis, publishes to the other
+    nodes); a write-only Redis manager (see `redis_publisher`) lets any other process do the same.
+    """
+
+    def __init__(self, manager: socketio.AsyncManager) -> None:
+        self.manager = manager
+
+    async def emit_to_user(self, user_id: str, event: str, data: Any = None) -> None:
+        """Send to every connection of one user. This is a coroutine."""
+        await self._emit(check_event(event), data, user_room(check_user_id(user_id)))
+
+    async def emit_to_room(self, room: str, event: str, data: Any = None) -> None:
+        """Send to every connection in `room`. This is a coroutine."""
+        await self._emit(check_event(event), data, check_room(room))
+
+    async def broadcast(self, event: str, data: Any = None) -> None:
+        """Send to every connection. This is a coroutine."""
+        await self._emit(check_event(event), data, None)
+
+    async def disconnect_user(self, user_id: str) -> int:
+        """Log a user out on every node; return how many connections were closed on this one. A coroutine."""
+        closed = self.connection_count(user_id)
+        await self._emit(END_EVENT, {"reason": "logout"}, user_room(user_id))  # GatewayManager ends the recipients
+        logger.info("logged out user %r: %d connections closed here", user_id, closed)
+        return closed
+
+    def connection_count(self, user_id: str) -> int:
+        """How many connections `user_id` has on this node."""
+        return len(self.manager.rooms.get(NAMESPACE, {}).get(user_room(check_user_id(user_id)), ()))
+
+    async def _emit(self, event: str, data: Any, room: str | None) -> None:
+        # The one place that emits: python-socketio reads a falsy room as "everyone", so only
+        # broadcast() may pass None, and every other caller has checked its room above.
+        await self.manager.emit(event, data, namespace=NAMESPACE, room=room)
+
+    async def join_room(self, sid: str, room: str) -> None:
+        """Add one connection, on any node, to `room`. This is a coroutine."""
+        await self.manager.enter_room(self._check_sid(sid), NAMESPACE, check_room(room))
+
+    async def leave_room(self, sid: str, room: str) -> None:
+        """Remove one connection, on any node, from `room`. This is a coroutine."""
+        await self.manager.leave_room(self._check_sid(sid), NAMESPACE, check_room(room))
+
+    def _check_sid(self, sid: Any) -> str:
+        if not isinstance(sid, str) or not sid:
+            raise ValueError(f"sid must be a non-empty string, got {sid!r:.80}")
+        # With Redis a sid this node does not hold may live on another; the manager forwards it there.
+        if not isinstance(self.manager, AsyncPubSubManager) and not self.manager.is_connected(sid, NAMESPACE):
+            raise LookupError(f"no connection with sid {sid!r:.80} on this gateway")
+        return sid
+
+
+def redis_publisher(redis_url: str, channel: str = DEFAULT_REDIS_CHANNEL) -> Emitter:
+    """An Emitter for a process that runs no server (a worker, a script): it publishes through Redis only."""
+    return Emitter(socketio.AsyncRedisManager(redis_url, channel=channel, write_only=True))
+
+
+class SocketGateway(Emitter):
+    """The backend's handle on connected users; registers the server's connect, disconnect and refresh handlers."""
 
     def __init__(self, sio: socketio.AsyncServer, settings: Settings) -> None:
+        super().__init__(sio.manager)
         self.sio = sio
         self.settings = settings
         self._deadlines: dict[str, asyncio.TimerHandle] = {}  # sid -> the timer that ends it when its token expires
@@ -146,6 +276,25 @@ class SocketGateway:
         sio.on("connect", self.on_connect)
         sio.on("disconnect", self.on_disconnect)
         sio.on("refresh", self.on_refresh)
+
+    def start(self) -> None:
+        """Start the client manager now, so a node listens to Redis before its first client arrives."""
+        # python-socketio does this itself on the first Engine.IO connection, with this same flag.
+        if not self.sio.manager_initialized:
+            self.sio.manager_initialized = True
+            self.manager.initialize()
+
+    async def redis_problem(self) -> str | None:
+        """Why this node cannot reach Redis right now, or None (also None without Redis)."""
+        if not isinstance(self.manager, GatewayRedisManager):
+            return None
+        try:
+            if self.manager.redis is None:
+                self.manager._redis_connect()
+            await asyncio.wait_for(self.manager.redis.ping(), REDIS_PING_TIMEOUT)
+        except Exception as exc:  # any failure to answer is "unreachable", whatever the client library raised
+            return f"redis unreachable: {type(exc).__name__}: {str(exc)[:200]}"
+        return None
 
     async def on_connect(self, sid: str, environ: dict[str, Any], auth: Any) -> None:
         address = client_address(environ["asgi.scope"])
@@ -207,57 +356,7 @@ class SocketGateway:
     def _expire(self, sid: str) -> None:
         self._deadlines.pop(sid, None)
         logger.info("%s disconnected: token expired", sid)
-        self._spawn(self._end(sid, "token_expired"))
-
-    async def _end(self, sid: str, reason: str) -> None:
-        """Tell one connection why the server ends it (the END_EVENT), then end it."""
-        await self._emit(END_EVENT, {"reason": reason}, sid)
-        await self.sio.disconnect(sid, namespace=NAMESPACE)
-
-    def connection_count(self, user_id: str) -> int:
-        """How many connections `user_id` has on this node."""
-        return len(self.sio.manager.rooms.get(NAMESPACE, {}).get(user_room(user_id), ()))
-
-    async def disconnect_user(self, user_id: str) -> int:
-        """Log a user out: end every connection of `user_id`; return how many were closed here. A coroutine."""
-        sids = [sid for sid, _ in self.sio.manager.get_participants(NAMESPACE, user_room(check_user_id(user_id)))]
-        for sid in sids:
-            await self._end(sid, "logout")
-        logger.info("logged out user %r: %d connections closed", user_id, len(sids))
-        return len(sids)
-
-    async def emit_to_user(self, user_id: str, event: str, data: Any = None) -> None:
-        """Send to every connection of one user. This is a coroutine."""
-        await self._emit(event, data, user_room(check_user_id(user_id)))
-
-    async def emit_to_room(self, room: str, event: str, data: Any = None) -> None:
-        """Send to every connection in `room`. This is a coroutine."""
-        await self._emit(event, data, check_room(room))
-
-    async def broadcast(self, event: str, data: Any = None) -> None:
-        """Send to every connection. This is a coroutine."""
-        await self._emit(event, data, None)
-
-    async def _emit(self, event: str, data: Any, room: str | None) -> None:
-        # The one place that emits: python-socketio reads a falsy `to` as "everyone", so only
-        # broadcast() may pass None, and every other caller has checked its room above.
-        await self.sio.emit(check_event(event), data, to=room, namespace=NAMESPACE)
-
-    async def join_room(self, sid: str, room: str) -> None:
-        """Add one connection to `room`. This is a coroutine."""
-        self._check_sid(sid)
-        await self.sio.enter_room(sid, check_room(room), namespace=NAMESPACE)
-
-    async def leave_room(self, sid: str, room: str) -> None:
-        """Remove one connection from `room`. This is a coroutine."""
-        self._check_sid(sid)
-        await self.sio.leave_room(sid, check_room(room), namespace=NAMESPACE)
-
-    def _check_sid(self, sid: Any) -> None:
-        if not isinstance(sid, str) or not sid:
-            raise ValueError(f"sid must be a non-empty string, got {sid!r:.80}")
-        if not self.sio.manager.is_connected(sid, NAMESPACE):
-            raise LookupError(f"no connection with sid {sid!r:.80} on this gateway")
+        self._spawn(self._emit(END_EVENT, {"reason": "token_expired"}, sid))  # GatewayManager ends it
 
 
 def load_settings_or_exit() -> Settings:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -152,6 +153,57 @@ async def refusal(url: str, auth: Any, **connect_options: Any) -> Any:
         await client.connect(url, auth=auth, **connect_options)
     await client.close()
     return client.connect_error
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def require_program(name: str) -> str:
+    """The path of an installed program; outside CI a missing one skips the test, in CI it fails it."""
+    path = shutil.which(name)
+    if path is None:
+        message = f"{name} is not installed (.ci/run installs it: apt-get install -y {name})"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+class RedisServer:
+    """A real redis-server on 127.0.0.1, started and stopped by the tests; it can be killed and started again."""
+
+    def __init__(self, port: int | None = None) -> None:
+        self.executable = require_program("redis-server")
+        self.port = port or free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen[str] | None = None
+
+    def start(self) -> RedisServer:
+        command = [self.executable, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+        for line in self.process.stdout:  # ends (and fails below) if redis-server exits
+            if "Ready to accept connections" in line:
+                return self
+        raise RuntimeError(f"redis-server did not start on port {self.port}")
+
+    def kill(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(TIMEOUT)
+            self.process.stdout.close()
+            self.process = None
+
+
+@contextlib.contextmanager
+def redis_server(port: int | None = None) -> Iterator[RedisServer]:
+    server = RedisServer(port).start()
+    try:
+        yield server
+    finally:
+        server.kill()
 
 
 @contextlib.contextmanager

@@ -48,6 +48,10 @@ def settings_error(**env: str) -> str:
         ({"JWT_SECRET": SECRET, "PING_TIMEOUT": "0"}, "GATEWAY_PING_TIMEOUT must be between"),
         ({"JWT_SECRET": SECRET, "PUBLISH_KEY": "k" * 31}, "GATEWAY_PUBLISH_KEY must be at least 32"),
         ({"JWT_SECRET": SECRET, "PUBLISH_MAX_BYTES": "10"}, "GATEWAY_PUBLISH_MAX_BYTES must be between"),
+        ({"JWT_SECRET": SECRET, "REDIS_URL": "http://localhost:6379"}, "GATEWAY_REDIS_URL must start with redis://"),
+        ({"JWT_SECRET": SECRET, "REDIS_URL": "localhost:6379"}, "GATEWAY_REDIS_URL must start with redis://"),
+        ({"JWT_SECRET": SECRET, "TRANSPORTS": "websocket,carrier-pigeon"}, "GATEWAY_TRANSPORTS"),
+        ({"JWT_SECRET": SECRET, "TRANSPORTS": ","}, "GATEWAY_TRANSPORTS"),
     ],
 )
 def test_bad_setting_is_refused_with_a_message_naming_it(env, names):
@@ -58,6 +62,14 @@ def test_secret_never_appears_in_errors_or_repr():
     settings = load_settings({"GATEWAY_JWT_SECRET": SECRET})
     assert SECRET not in repr(settings)
     assert SECRET not in settings_error(JWT_SECRET=SECRET, JWT_ALGORITHMS="RS256")
+
+
+def test_redis_password_never_appears_in_errors_or_repr():
+    password = "s3cret-redis-password"
+    assert password not in settings_error(JWT_SECRET=SECRET, REDIS_URL=f"http://user:{password}@host")
+    settings = load_settings({"GATEWAY_JWT_SECRET": SECRET, "GATEWAY_REDIS_URL": f"rediss://:{password}@host:6380/0"})
+    assert settings.redis_url.startswith("rediss://") and password not in repr(settings)
+    assert settings.redis_channel == "socket-gateway"
 
 
 def test_cors_origins_are_parsed():
