@@ -50,19 +50,19 @@ def make_gateway(**env: str) -> SocketGateway:
     return SocketGateway(create_server(settings), settings)
 
 
-def listening_socket() -> socket.socket:
-    """A socket bound to a free port on 127.0.0.1 and listening: clients may connect before the server runs."""
+def listening_socket(port: int = 0) -> socket.socket:
+    """A socket bound to 127.0.0.1 (a free port by default) and listening: clients may connect before the server runs."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
+    sock.bind(("127.0.0.1", port))
     sock.listen(512)
     return sock
 
 
 @contextlib.asynccontextmanager
-async def serve(app: Any) -> AsyncIterator[str]:
-    """Run `app` under a real uvicorn in this event loop; yield its base URL."""
-    sock = listening_socket()
+async def serve(app: Any, port: int = 0) -> AsyncIterator[str]:
+    """Run `app` under a real uvicorn in this event loop (on `port`, or a free one); yield its base URL."""
+    sock = listening_socket(port)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
     task = asyncio.create_task(server.serve(sockets=[sock]))
     try:
