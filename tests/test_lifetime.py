@@ -60,7 +60,7 @@ def control_deadline(gateway, client: Client) -> float:
     "payload, reason, error",
     [
         ({"token": "forged.token.here"}, "invalid", "invalid token"),
-        ({"token": token("bob", ttl=60)}, "invalid", "token is for another user"),
+        ({"token": token("bob", ttl=3600)}, "invalid", "token is for another user"),  # minted at collection
         ({"token": token("alice", ttl=-60)}, "expired", "token expired"),
         (None, "missing", "missing token"),
         ("text", "invalid", "invalid token"),
