@@ -6,16 +6,30 @@ import contextlib
 import hmac
 import json
 import logging
+import os
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import socketio
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    generate_latest,
+    multiprocess,
+)
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from gateway import SocketGateway, check_event, check_room, check_user_id, client_address, gateway
+from gateway import (
+    SocketGateway,
+    check_event,
+    check_room,
+    check_user_id,
+    client_address,
+    gateway,
+)
 
 logger = logging.getLogger("gateway.publish")
 
@@ -27,6 +41,21 @@ MESSAGE_FIELDS = frozenset({*TARGETS, "event", "data"})
 async def health(request: Request) -> JSONResponse:
     """Liveness: the process is up and serving."""
     return JSONResponse({"status": "ok"})
+
+
+def metrics_route(gateway: SocketGateway) -> Route:
+    """GET /metrics in Prometheus' text format (only with GATEWAY_METRICS=1; keep it off the public network)."""
+
+    async def metrics(request: Request) -> Response:
+        await gateway.redis_problem()  # refreshes gateway_redis_up
+        if "PROMETHEUS_MULTIPROC_DIR" in os.environ:  # --workers N: every worker's values, summed
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+        else:
+            registry = gateway.metrics.registry
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    return Route("/metrics", metrics)
 
 
 def ready_route(gateway: SocketGateway) -> Route:
@@ -62,6 +91,7 @@ def publish_route(gateway: SocketGateway) -> Route:
             headers = {"WWW-Authenticate": "Bearer"} if refused.status == 401 else None
             return JSONResponse(body, status_code=refused.status, headers=headers)
         for target, name, event, data in messages:
+            gateway.metrics.published.labels(target.removesuffix("_id")).inc()
             if target == "user_id":
                 await gateway.emit_to_user(name, event, data)
             elif target == "room":
@@ -145,8 +175,12 @@ def create_app(gateway: SocketGateway, routes: Sequence[BaseRoute] = ()) -> sock
         gateway.start()
         yield
         await gateway.sio.shutdown()
+        if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+            multiprocess.mark_process_dead(os.getpid())  # drops this worker's live gauges from the sums
 
     own_routes = [Route("/health", health), ready_route(gateway)]
+    if gateway.settings.metrics:
+        own_routes.append(metrics_route(gateway))
     if gateway.settings.publish_key is not None:
         own_routes.append(publish_route(gateway))
     http = Starlette(routes=[*own_routes, *routes], lifespan=lifespan)

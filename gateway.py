@@ -13,11 +13,18 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import socketio
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from socketio.async_pubsub_manager import AsyncPubSubManager
 from starlette.config import Config
 from starlette.datastructures import Secret
 
-from auth import JWTSettings, TokenRefused, is_valid_user_id, load_jwt_settings, verify_auth
+from auth import (
+    JWTSettings,
+    TokenRefused,
+    is_valid_user_id,
+    load_jwt_settings,
+    verify_auth,
+)
 
 logger = logging.getLogger("gateway")
 
@@ -57,6 +64,9 @@ class Settings:
     redis_url: str | None  # None: one process, in-memory rooms
     redis_channel: str
     transports: list[str]
+    metrics: bool
+    log_level: str
+    log_format: str  # "text" or "json"
 
     def __repr__(self) -> str:  # never print key material
         return (
@@ -83,7 +93,18 @@ def load_settings(environ: Mapping[str, str] = os.environ) -> Settings:
         redis_url=parse_redis_url(config("REDIS_URL", default="")),
         redis_channel=config("REDIS_CHANNEL", default=DEFAULT_REDIS_CHANNEL).strip() or DEFAULT_REDIS_CHANNEL,
         transports=parse_transports(config("TRANSPORTS", default=",".join(TRANSPORTS))),
+        metrics=config("METRICS", cast=bool, default=False),
+        log_level=choice_setting(config, "LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
+        log_format=choice_setting(config, "LOG_FORMAT", "text", ("text", "json")),
     )
+
+
+def choice_setting(config: Config, name: str, default: str, choices: tuple[str, ...]) -> str:
+    value = config(name, default=default).strip()
+    match = next((choice for choice in choices if choice.lower() == value.lower()), None)
+    if match is None:
+        raise ValueError(f"GATEWAY_{name} must be one of {', '.join(choices)}, got {value!r}")
+    return match
 
 
 def parse_redis_url(value: str) -> str | None:
@@ -164,10 +185,15 @@ class GatewayManager(socketio.AsyncManager):
     That rule is what lets a logout reach every node: the Redis manager below delivers through this class.
     """
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.end_reasons: dict[str, str] = {}  # sid -> why the gateway ends it; the disconnect handler pops it
+
     async def emit(self, event: str, data: Any, namespace: str, room: Any = None, **kwargs: Any) -> None:
         ending = [sid for sid, _ in self.get_participants(namespace, room)] if event == END_EVENT and room else []
         await super().emit(event, data, namespace, room=room, **kwargs)
         for sid in ending:
+            self.end_reasons[sid] = data.get("reason", "server") if isinstance(data, dict) else "server"
             await self.server.disconnect(sid, namespace=namespace, ignore_queue=True)
 
 
@@ -186,6 +212,35 @@ class GatewayRedisManager(socketio.AsyncRedisManager, GatewayManager):
                 logger.warning(
                     "ignored a message on Redis channel %r that is not the gateway's: %.80r", self.channel, message
                 )
+
+
+class GatewayMetrics:
+    """The gateway's Prometheus series, served at /metrics when GATEWAY_METRICS=1.
+
+    Counting happens once per connection or per emit call, never per recipient, so it stays off the fan-out path.
+    Under `--workers N` with PROMETHEUS_MULTIPROC_DIR set, prometheus-client sums the workers' values.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry = registry or CollectorRegistry()
+        self.connections = Gauge(
+            "gateway_connections", "Open Socket.IO connections.", registry=registry, multiprocess_mode="livesum"
+        )
+        self.users = Gauge(
+            "gateway_connected_users", "Users with an open connection (per process; summed over workers).",
+            registry=registry, multiprocess_mode="livesum",
+        )
+        self.accepted = Counter("gateway_connections_accepted", "Connections accepted.", registry=registry)
+        self.refused = Counter("gateway_connections_refused", "Connections refused.", ["reason"], registry=registry)
+        self.emitted = Counter("gateway_emits", "Emit calls, by target kind.", ["kind"], registry=registry)
+        self.published = Counter(
+            "gateway_publish_api_messages", "Messages accepted by POST /publish.", ["kind"], registry=registry
+        )
+        self.disconnects = Counter("gateway_disconnects", "Connections ended.", ["reason"], registry=registry)
+        self.redis_up = Gauge(
+            "gateway_redis_up", "1 while Redis answers a ping (with GATEWAY_REDIS_URL).",
+            registry=registry, multiprocess_mode="livemostrecent",
+        )
 
 
 def create_server(settings: Settings) -> socketio.AsyncServer:
@@ -211,25 +266,26 @@ class Emitter:
     nodes); a write-only Redis manager (see `redis_publisher`) lets any other process do the same.
     """
 
-    def __init__(self, manager: socketio.AsyncManager) -> None:
+    def __init__(self, manager: socketio.AsyncManager, metrics: GatewayMetrics | None = None) -> None:
         self.manager = manager
+        self.metrics = metrics
 
     async def emit_to_user(self, user_id: str, event: str, data: Any = None) -> None:
         """Send to every connection of one user. This is a coroutine."""
-        await self._emit(check_event(event), data, user_room(check_user_id(user_id)))
+        await self._emit(check_event(event), data, user_room(check_user_id(user_id)), "user")
 
     async def emit_to_room(self, room: str, event: str, data: Any = None) -> None:
         """Send to every connection in `room`. This is a coroutine."""
-        await self._emit(check_event(event), data, check_room(room))
+        await self._emit(check_event(event), data, check_room(room), "room")
 
     async def broadcast(self, event: str, data: Any = None) -> None:
         """Send to every connection. This is a coroutine."""
-        await self._emit(check_event(event), data, None)
+        await self._emit(check_event(event), data, None, "broadcast")
 
     async def disconnect_user(self, user_id: str) -> int:
         """Log a user out on every node; return how many connections were closed on this one. A coroutine."""
         closed = self.connection_count(user_id)
-        await self._emit(END_EVENT, {"reason": "logout"}, user_room(user_id))  # GatewayManager ends the recipients
+        await self._emit(END_EVENT, {"reason": "logout"}, user_room(user_id), "logout")  # GatewayManager ends them
         logger.info("logged out user %r: %d connections closed here", user_id, closed)
         return closed
 
@@ -237,10 +293,12 @@ class Emitter:
         """How many connections `user_id` has on this node."""
         return len(self.manager.rooms.get(NAMESPACE, {}).get(user_room(check_user_id(user_id)), ()))
 
-    async def _emit(self, event: str, data: Any, room: str | None) -> None:
+    async def _emit(self, event: str, data: Any, room: str | None, kind: str) -> None:
         # The one place that emits: python-socketio reads a falsy room as "everyone", so only
         # broadcast() may pass None, and every other caller has checked its room above.
         await self.manager.emit(event, data, namespace=NAMESPACE, room=room)
+        if self.metrics:
+            self.metrics.emitted.labels(kind).inc()
 
     async def join_room(self, sid: str, room: str) -> None:
         """Add one connection, on any node, to `room`. This is a coroutine."""
@@ -267,12 +325,13 @@ def redis_publisher(redis_url: str, channel: str = DEFAULT_REDIS_CHANNEL) -> Emi
 class SocketGateway(Emitter):
     """The backend's handle on connected users; registers the server's connect, disconnect and refresh handlers."""
 
-    def __init__(self, sio: socketio.AsyncServer, settings: Settings) -> None:
-        super().__init__(sio.manager)
+    def __init__(self, sio: socketio.AsyncServer, settings: Settings, metrics: GatewayMetrics | None = None) -> None:
+        super().__init__(sio.manager, metrics or GatewayMetrics())
         self.sio = sio
         self.settings = settings
         self._deadlines: dict[str, asyncio.TimerHandle] = {}  # sid -> the timer that ends it when its token expires
         self._tasks: set[asyncio.Task[None]] = set()  # keeps background tasks referenced until they finish
+        self._redis_up: bool | None = None  # last answer of redis_problem(), to log changes only
         sio.on("connect", self.on_connect)
         sio.on("disconnect", self.on_disconnect)
         sio.on("refresh", self.on_refresh)
@@ -292,9 +351,14 @@ class SocketGateway(Emitter):
             if self.manager.redis is None:
                 self.manager._redis_connect()
             await asyncio.wait_for(self.manager.redis.ping(), REDIS_PING_TIMEOUT)
+            problem = None
         except Exception as exc:  # any failure to answer is "unreachable", whatever the client library raised
-            return f"redis unreachable: {type(exc).__name__}: {str(exc)[:200]}"
-        return None
+            problem = f"redis unreachable: {type(exc).__name__}: {str(exc)[:200]}"
+        if self._redis_up is not (problem is None):
+            logger.warning(problem or "redis reachable", extra={"reason": problem or "reachable"})
+        self._redis_up = problem is None
+        self.metrics.redis_up.set(1 if self._redis_up else 0)
+        return problem
 
     async def on_connect(self, sid: str, environ: dict[str, Any], auth: Any) -> None:
         address = client_address(environ["asgi.scope"])
@@ -310,11 +374,18 @@ class SocketGateway(Emitter):
             raise self._refuse(sid, address, "limit", f"user {identity.user_id!r} has {connections - 1} connections")
         await self.sio.save_session(sid, {"user_id": identity.user_id}, namespace=NAMESPACE)
         self._end_at(sid, identity.expires_at)
+        self.metrics.accepted.inc()
+        self.metrics.connections.inc()
+        if connections == 1:
+            self.metrics.users.inc()
         logger.debug("user %r connected as %s from %s", identity.user_id, sid, address)
 
     def _refuse(self, sid: str, address: str, reason: str, detail: str) -> Exception:
         """Log a refusal and close the client's transport once its connect_error is on the way."""
-        logger.info("refused connection from %s: %s (%s)", address, reason, detail)
+        logger.info(
+            "refused connection from %s: %s (%s)", address, reason, detail, extra={"client": address, "reason": reason}
+        )
+        self.metrics.refused.labels(reason).inc()
         # python-socketio sends the connect_error and forgets the sid (rooms included) when the handler raises;
         # this task runs after that, and closes the Engine.IO connection so nothing of the client lingers.
         self._spawn(self.sio.eio.disconnect(self.sio.manager.eio_sid_from_sid(sid, NAMESPACE)))
@@ -327,7 +398,16 @@ class SocketGateway(Emitter):
 
     async def on_disconnect(self, sid: str, reason: str) -> None:
         self._cancel_deadline(sid)
-        logger.debug("%s disconnected", sid, extra={"reason": reason})
+        user_id = (await self.sio.get_session(sid, namespace=NAMESPACE)).get("user_id")
+        ended_by = self.manager.end_reasons.pop(sid, None)
+        if ended_by:
+            logger.info("ended %s of user %r: %s", sid, user_id, ended_by, extra={"reason": ended_by, "user_id": user_id})
+        else:
+            logger.debug("%s of user %r disconnected: %s", sid, user_id, reason, extra={"reason": reason})
+        self.metrics.disconnects.labels(ended_by or reason.replace(" ", "_")).inc()
+        self.metrics.connections.dec()
+        if user_id is not None and self.connection_count(user_id) == 1:  # this one leaves the room after the handler
+            self.metrics.users.dec()
 
     async def on_refresh(self, sid: str, *args: Any) -> dict[str, Any]:
         """The client's `refresh` event: a new token of the same user moves its connection's deadline."""
@@ -355,8 +435,38 @@ class SocketGateway(Emitter):
 
     def _expire(self, sid: str) -> None:
         self._deadlines.pop(sid, None)
-        logger.info("%s disconnected: token expired", sid)
-        self._spawn(self._emit(END_EVENT, {"reason": "token_expired"}, sid))  # GatewayManager ends it
+        self._spawn(self._emit(END_EVENT, {"reason": "token_expired"}, sid, "expiry"))  # GatewayManager ends it
+
+
+class JSONFormatter(logging.Formatter):
+    """One JSON object a line: time, level, logger, message, and the fields a call passed in `extra`."""
+
+    standard_fields = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+            **{key: value for key, value in vars(record).items() if key not in self.standard_fields},
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def configure_logging(settings: Settings) -> None:
+    """Log to stderr at GATEWAY_LOG_LEVEL, as text or JSON; leave alone a process that configured logging itself."""
+    handler = logging.StreamHandler()
+    if settings.log_format == "json":
+        handler.setFormatter(JSONFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=settings.log_level, handlers=[handler])
+    # python-socketio and python-engineio log a line per message at INFO: keep them quieter unless debugging.
+    for name in ("socketio", "engineio"):
+        logging.getLogger(name).setLevel(settings.log_level if settings.log_level == "DEBUG" else "WARNING")
 
 
 def load_settings_or_exit() -> Settings:
@@ -367,5 +477,6 @@ def load_settings_or_exit() -> Settings:
 
 
 settings = load_settings_or_exit()
+configure_logging(settings)
 sio = create_server(settings)
 gateway = SocketGateway(sio, settings)

@@ -10,93 +10,19 @@ is bounded in count and time and stops by itself.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import os
 import random
-import shutil
-import socket
 import statistics
-import subprocess
-import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("GATEWAY_JWT_SECRET", "bench-secret-" + "b" * 40)
+from harness import connect_clients, cpu_seconds, free_port, start_load_generator, start_node, start_redis, wait_for
 
-import socketio  # noqa: E402
-
-from auth import mint_token  # noqa: E402
-from gateway import redis_publisher  # noqa: E402
-
-SECRET = os.environ["GATEWAY_JWT_SECRET"]
-DEADLINE = 120  # seconds any one phase may take
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def start_redis(port: int) -> subprocess.Popen[str]:
-    command = ["taskset", "-c", "1", shutil.which("redis-server") or "redis-server", "--port", str(port)]
-    process = subprocess.Popen([*command, "--save", "", "--appendonly", "no"], stdout=subprocess.PIPE, text=True)
-    for line in process.stdout:
-        if "Ready to accept connections" in line:
-            return process
-    raise RuntimeError("redis-server did not start")
-
-
-def start_node(port: int, redis_url: str) -> subprocess.Popen[str]:
-    env = os.environ | {"GATEWAY_REDIS_URL": redis_url, "GATEWAY_TRANSPORTS": "websocket"}
-    command = ["taskset", "-c", "0", sys.executable, "-m", "uvicorn", "asgi:app", "--port", str(port)]
-    process = subprocess.Popen([*command, "--log-level", "warning"], cwd=ROOT, env=env)
-    deadline = time.monotonic() + 30
-    while True:  # the node is ready when its port accepts
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return process
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
-
-
-async def connect_clients(urls: list[str], count: int, inbox: dict[str, list[float]]) -> list[socketio.AsyncClient]:
-    clients = []
-    for n in range(count):
-        user = f"user{n}"
-        client = socketio.AsyncClient(reconnection=False)
-        received = inbox.setdefault(user, [])
-
-        async def on_message(data, received=received):
-            received.append(time.perf_counter() - data["sent"])
-
-        client.on("msg", on_message)
-        await client.connect(urls[n % len(urls)], auth={"token": mint_token(user, SECRET)}, transports=["websocket"])
-        clients.append(client)
-    return clients
-
-
-async def wait_for(condition, what: str) -> None:
-    deadline = time.monotonic() + DEADLINE
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(what)
-        await asyncio.sleep(0.005)
+from gateway import redis_publisher
 
 
 async def one_round(nodes: int, clients: int, broadcasts: int, single_emits: int, redis_url: str) -> dict[str, float]:
     ports = [free_port() for _ in range(nodes)]
-    processes = [start_node(port, redis_url) for port in ports]
+    processes = [start_node(port, {"GATEWAY_REDIS_URL": redis_url}) for port in ports]
     inbox: dict[str, list[float]] = {}
     publisher = redis_publisher(redis_url)
     try:
@@ -136,11 +62,8 @@ async def one_round(nodes: int, clients: int, broadcasts: int, single_emits: int
 
 
 async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes, one round")
-    args = parser.parse_args()
-    os.sched_setaffinity(0, {1})  # the load generator shares core 1 with Redis; the nodes have core 0
-    rounds, clients, broadcasts, singles = (1, 10, 5, 10) if args.smoke else (3, 200, 100, 500)
+    smoke = start_load_generator(__doc__)
+    rounds, clients, broadcasts, singles = (1, 10, 5, 10) if smoke else (3, 200, 100, 500)
     redis_port = free_port()
     redis_process = start_redis(redis_port)
     redis_url = f"redis://127.0.0.1:{redis_port}/0"

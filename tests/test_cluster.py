@@ -26,7 +26,6 @@ from conftest import (
     gateway_process,
     make_gateway,
     redis_server,
-    require_program,
     serve,
     token,
 )
@@ -258,13 +257,3 @@ def status_raw(url: str) -> tuple[int, bytes]:
     except urllib.error.HTTPError as error:
         return error.code, error.read()
 
-
-def test_cluster_benchmark_smoke_mode_runs():
-    require_program("redis-server")
-    require_program("taskset")
-    result = subprocess.run(
-        [sys.executable, "bench/cluster.py", "--smoke"], cwd=ROOT, capture_output=True, text=True, timeout=120
-    )
-    assert result.returncode == 0, result.stderr
-    rows = [line for line in result.stdout.splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")]
-    assert len(rows) == 2 and all(row.endswith("| 0 |") for row in rows)  # both rows, nothing lost

@@ -117,8 +117,8 @@ async def test_refused_connection_leaves_nothing_and_never_runs_disconnect(live,
         assert gateway.sio.manager.pending_connect == {}
         sid = dave.sid
     await eventually(lambda: not all_rooms(gateway))
-    disconnects = [r.getMessage() for r in caplog.records if r.getMessage().endswith("disconnected")]
-    assert disconnects == [f"{sid} disconnected"]
+    disconnects = [r.getMessage() for r in caplog.records if " disconnected: " in r.getMessage()]
+    assert len(disconnects) == 1 and disconnects[0].startswith(f"{sid} of user 'dave' disconnected: ")
 
 
 async def test_refusal_is_logged_with_the_client_address_and_never_the_token(live, caplog):
