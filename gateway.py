@@ -13,7 +13,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import socketio
+from engineio import packet as eio_packet
 from prometheus_client import CollectorRegistry, Counter, Gauge
+from socketio import packet
 from socketio.async_pubsub_manager import AsyncPubSubManager
 from starlette.config import Config
 from starlette.datastructures import Secret
@@ -40,6 +42,7 @@ DEFAULT_REDIS_CHANNEL = "socket-gateway"
 REDIS_SCHEMES = ("redis", "rediss", "unix")
 REDIS_PING_TIMEOUT = 2.0
 TRANSPORTS = ("polling", "websocket")
+YIELD_EVERY = 1000  # recipients served between two yields to the event loop during one emit
 MIN_PUBLISH_KEY_LENGTH = 32
 REFUSAL_MESSAGES = {
     "missing": "missing token",
@@ -180,21 +183,54 @@ def client_address(scope: Mapping[str, Any]) -> str:
 
 
 class GatewayManager(socketio.AsyncManager):
-    """python-socketio's in-memory client manager, plus one rule: END_EVENT sent to a room also ends its connections.
+    """python-socketio's in-memory client manager with two changes.
 
-    That rule is what lets a logout reach every node: the Redis manager below delivers through this class.
+    - Delivery without a task per recipient: python-socketio's `AsyncManager.emit` creates one asyncio task per
+      recipient and waits on all of them, while queueing a packet on an Engine.IO socket is only a queue put. Here
+      the packet is encoded once and queued on each recipient's socket in turn, yielding to the loop every
+      YIELD_EVERY recipients so a huge room does not stall other work. Emits with an ack callback keep
+      python-socketio's own path. This reads python-engineio's `sockets` map and `AsyncSocket.send`, hence the
+      pinned version range; `tests/test_delivery.py` fails if they change.
+    - END_EVENT sent to a room also ends the connections in it: that is what lets a logout reach every node,
+      since the Redis manager below delivers through this class.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.end_reasons: dict[str, str] = {}  # sid -> why the gateway ends it; the disconnect handler pops it
 
-    async def emit(self, event: str, data: Any, namespace: str, room: Any = None, **kwargs: Any) -> None:
+    async def emit(
+        self, event: str, data: Any, namespace: str, room: Any = None, skip_sid: Any = None, callback: Any = None,
+        to: Any = None, **kwargs: Any,
+    ) -> None:
+        room = to or room
         ending = [sid for sid, _ in self.get_participants(namespace, room)] if event == END_EVENT and room else []
-        await super().emit(event, data, namespace, room=room, **kwargs)
+        if callback is None:
+            await self._deliver(event, data, namespace, room, skip_sid)
+        else:
+            await super().emit(event, data, namespace, room=room, skip_sid=skip_sid, callback=callback, **kwargs)
         for sid in ending:
             self.end_reasons[sid] = data.get("reason", "server") if isinstance(data, dict) else "server"
             await self.server.disconnect(sid, namespace=namespace, ignore_queue=True)
+
+    async def _deliver(self, event: str, data: Any, namespace: str, room: Any, skip_sid: Any) -> None:
+        if namespace not in self.rooms:
+            return
+        # The same argument rules as python-socketio: a tuple is several arguments, None is none.
+        arguments = list(data) if isinstance(data, tuple) else [] if data is None else [data]
+        encoded = self.server.packet_class(packet.EVENT, namespace=namespace, data=[event, *arguments]).encode()
+        parts = encoded if isinstance(encoded, list) else [encoded]  # binary data: a text part plus attachments
+        eio_packets = [eio_packet.Packet(eio_packet.MESSAGE, part) for part in parts]
+        skip = set(skip_sid) if isinstance(skip_sid, list) else {skip_sid}
+        sockets = self.server.eio.sockets
+        for count, (sid, eio_sid) in enumerate(self.get_participants(namespace, room), 1):
+            socket = sockets.get(eio_sid)
+            if sid in skip or socket is None or socket.closed:
+                continue
+            for eio_pkt in eio_packets:
+                await socket.send(eio_pkt)
+            if count % YIELD_EVERY == 0:
+                await asyncio.sleep(0)
 
 
 class GatewayRedisManager(socketio.AsyncRedisManager, GatewayManager):

@@ -260,3 +260,57 @@ def test_room_operations_pass_their_arguments_through_unchanged(portal_with_clie
         portal.call(run, room)
 
     check()
+
+
+# ---- the gateway's own delivery path (GatewayManager) and the python-socketio internals it relies on -----------
+
+
+async def test_emits_queue_on_engineio_sockets_directly_not_through_a_task_per_recipient(live, monkeypatch):
+    import engineio.async_socket
+
+    gateway, url = live
+    sent_the_library_way = []
+    monkeypatch.setattr(gateway.sio, "_send_eio_packet", lambda *args: sent_the_library_way.append(args))
+    async with connected(url, *[f"user{n}" for n in range(20)]) as clients:
+        for client in clients:  # what _deliver reads: eio_sid -> AsyncSocket with a send coroutine
+            socket = gateway.sio.eio.sockets[gateway.manager.eio_sid_from_sid(client.sid, NAMESPACE)]
+            assert isinstance(socket, engineio.async_socket.AsyncSocket) and not socket.closed
+        await gateway.broadcast("fan", {"out": True})
+        for client in clients:
+            assert await client.next_event() == ("fan", {"out": True})
+    assert sent_the_library_way == []
+
+
+async def test_delivery_yields_inside_a_large_room_and_still_reaches_everyone(live, monkeypatch):
+    import gateway as gateway_module
+
+    gateway, url = live
+    monkeypatch.setattr(gateway_module, "YIELD_EVERY", 2)
+    async with connected(url, *[f"user{n}" for n in range(7)]) as clients:
+        await gateway.broadcast("many", [1, 2])
+        for client in clients:
+            assert await client.next_event() == ("many", [1, 2])
+
+
+async def test_skip_sid_tuple_arguments_and_ack_callbacks_keep_python_socketio_semantics(live):
+    gateway, url = live
+    async with connected(url, "alice", "bob") as [alice, bob]:
+        await gateway.manager.emit("skipped", 1, NAMESPACE, room=None, skip_sid=alice.sid)
+        await gateway.manager.emit("skipped", 2, NAMESPACE, room=None, skip_sid=[alice.sid, bob.sid])
+        await gateway.emit_to_user("alice", "pair", ("a", 1))
+        acked = asyncio.Event()
+        await gateway.sio.emit("ask", "q", to=bob.sid, callback=lambda *args: acked.set())
+        await asyncio.wait_for(acked.wait(), 10)
+        await gateway.broadcast("marker")
+        assert await alice.events_until("marker") == [("pair", ("a", 1))]
+        assert await bob.events_until("marker") == [("skipped", 1), ("ask", "q")]
+
+
+async def test_a_connection_closing_during_an_emit_is_skipped(live):
+    gateway, url = live
+    async with connected(url, "alice", "bob") as [alice, bob]:
+        eio_sid = gateway.manager.eio_sid_from_sid(alice.sid, NAMESPACE)
+        gateway.sio.eio.sockets[eio_sid].closed = True  # as python-engineio marks it mid-close
+        await gateway.broadcast("after", 1)
+        assert await bob.next_event() == ("after", 1)
+        gateway.sio.eio.sockets[eio_sid].closed = False
