@@ -31,6 +31,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def rss_bytes(pid: int) -> int:
+    """Resident memory of a process."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time a process has used so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -47,10 +55,10 @@ def start_redis(port: int) -> subprocess.Popen[str]:
     raise RuntimeError("redis-server did not start")
 
 
-def start_node(port: int, settings: dict[str, str]) -> subprocess.Popen[str]:
-    """`uvicorn asgi:app` on core 0 with these GATEWAY_* settings, returned once its port accepts."""
+def start_node(port: int, settings: dict[str, str], app: str = "asgi:app", *args: str) -> subprocess.Popen[str]:
+    """`uvicorn <app>` on core 0 with these GATEWAY_* settings, returned once its port accepts."""
     env = os.environ | {"GATEWAY_TRANSPORTS": "websocket"} | settings
-    command = ["taskset", "-c", "0", sys.executable, "-m", "uvicorn", "asgi:app", "--port", str(port)]
+    command = ["taskset", "-c", "0", sys.executable, "-m", "uvicorn", app, *args, "--port", str(port)]
     process = subprocess.Popen([*command, "--log-level", "warning"], cwd=ROOT, env=env)
     deadline = time.monotonic() + 30
     while True:  # the node is ready when its port accepts

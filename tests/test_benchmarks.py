@@ -10,12 +10,17 @@ from conftest import ROOT, require_program
 
 
 @pytest.mark.parametrize(
-    "script, rows", [("cluster.py", ("| 1 |", "| 2 |")), ("metrics_overhead.py", ("| 0 |", "| 1 |"))]
+    "script, rows, needs",
+    [
+        ("cluster.py", ("| 1 |", "| 2 |"), "redis-server"),
+        ("metrics_overhead.py", ("| 0 |", "| 1 |"), None),
+        ("fanout.py", ("| fan-out delivered msgs/s |", "| targeted delivered msgs/s |"), "node"),
+    ],
 )
-def test_benchmark_smoke_mode_runs(script, rows):
+def test_benchmark_smoke_mode_runs(script, rows, needs):
     require_program("taskset")
-    if script == "cluster.py":
-        require_program("redis-server")
+    if needs:
+        require_program(needs)
     result = subprocess.run(
         [sys.executable, f"bench/{script}", "--smoke"], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
