@@ -368,6 +368,7 @@ class SocketGateway(Emitter):
         self._deadlines: dict[str, asyncio.TimerHandle] = {}  # sid -> the timer that ends it when its token expires
         self._tasks: set[asyncio.Task[None]] = set()  # keeps background tasks referenced until they finish
         self._redis_up: bool | None = None  # last answer of redis_problem(), to log changes only
+        self.shutting_down = False  # set on SIGTERM (see asgi.py): transport closes after it are the shutdown's
         sio.on("connect", self.on_connect)
         sio.on("disconnect", self.on_disconnect)
         sio.on("refresh", self.on_refresh)
@@ -435,7 +436,7 @@ class SocketGateway(Emitter):
     async def on_disconnect(self, sid: str, reason: str) -> None:
         self._cancel_deadline(sid)
         user_id = (await self.sio.get_session(sid, namespace=NAMESPACE)).get("user_id")
-        ended_by = self.manager.end_reasons.pop(sid, None)
+        ended_by = self.manager.end_reasons.pop(sid, None) or ("shutdown" if self.shutting_down else None)
         if ended_by:
             logger.info("ended %s of user %r: %s", sid, user_id, ended_by, extra={"reason": ended_by, "user_id": user_id})
         else:
