@@ -60,6 +60,7 @@ class Settings:
     cors_origins: list[str] | str | None  # None: same origin only; "*": any origin
     max_message_bytes: int
     max_connections_per_user: int
+    max_queued_messages: int
     ping_interval: int
     ping_timeout: int
     publish_key: Secret | None  # None: no HTTP publish API
@@ -89,6 +90,7 @@ def load_settings(environ: Mapping[str, str] = os.environ) -> Settings:
         cors_origins=parse_cors_origins(config("CORS_ORIGINS", default="")),
         max_message_bytes=int_setting(config, "MAX_MESSAGE_BYTES", 16 * 1024, MIN_MESSAGE_BYTES, 100 * 1024 * 1024),
         max_connections_per_user=int_setting(config, "MAX_CONNECTIONS_PER_USER", 32, 1, 1_000_000),
+        max_queued_messages=int_setting(config, "MAX_QUEUED_MESSAGES", 1000, 10, 1_000_000),
         ping_interval=int_setting(config, "PING_INTERVAL", 25, 1, 300),
         ping_timeout=int_setting(config, "PING_TIMEOUT", 20, 1, 300),
         publish_key=Secret(publish_key) if publish_key else None,
@@ -195,6 +197,8 @@ class GatewayManager(socketio.AsyncManager):
       since the Redis manager below delivers through this class.
     """
 
+    max_queued = 1000  # packets waiting on one connection before its client counts as stalled; set by create_server
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.end_reasons: dict[str, str] = {}  # sid -> why the gateway ends it; the disconnect handler pops it
@@ -223,14 +227,34 @@ class GatewayManager(socketio.AsyncManager):
         eio_packets = [eio_packet.Packet(eio_packet.MESSAGE, part) for part in parts]
         skip = set(skip_sid) if isinstance(skip_sid, list) else {skip_sid}
         sockets = self.server.eio.sockets
+        stalled = []
         for count, (sid, eio_sid) in enumerate(self.get_participants(namespace, room), 1):
             socket = sockets.get(eio_sid)
             if sid in skip or socket is None or socket.closed:
+                continue
+            if socket.queue.qsize() >= self.max_queued:
+                stalled.append((sid, socket))
                 continue
             for eio_pkt in eio_packets:
                 await socket.send(eio_pkt)
             if count % YIELD_EVERY == 0:
                 await asyncio.sleep(0)
+        for sid, socket in stalled:
+            await self._drop_stalled(sid, socket)
+
+    async def _drop_stalled(self, sid: str, socket: Any) -> None:
+        """End a connection whose client stopped reading, so its queue stops growing.
+
+        python-engineio's queue has no bound, and its writer waits on the client for as long as the TCP connection
+        lives. Closing without waiting (abort) runs the disconnect handlers at once; the packets already queued are
+        freed when the TCP connection finally goes.
+        """
+        logger.warning(
+            "ended %s: client stopped reading (%d packets queued)", sid, socket.queue.qsize(),
+            extra={"reason": "stalled"},
+        )
+        self.end_reasons[sid] = "stalled"
+        await socket.close(wait=False, abort=True, reason=self.server.reason.SERVER_DISCONNECT)
 
 
 class GatewayRedisManager(socketio.AsyncRedisManager, GatewayManager):
@@ -281,9 +305,10 @@ class GatewayMetrics:
 
 def create_server(settings: Settings) -> socketio.AsyncServer:
     if settings.redis_url:
-        manager: socketio.AsyncManager = GatewayRedisManager(settings.redis_url, channel=settings.redis_channel)
+        manager: GatewayManager = GatewayRedisManager(settings.redis_url, channel=settings.redis_channel)
     else:
         manager = GatewayManager()
+    manager.max_queued = settings.max_queued_messages
     return socketio.AsyncServer(
         client_manager=manager,
         async_mode="asgi",

@@ -45,6 +45,7 @@ def settings_error(**env: str) -> str:
         ({"JWT_SECRET": SECRET, "MAX_MESSAGE_BYTES": "100"}, "GATEWAY_MAX_MESSAGE_BYTES"),
         ({"JWT_SECRET": SECRET, "MAX_CONNECTIONS_PER_USER": "0"}, "GATEWAY_MAX_CONNECTIONS_PER_USER must be between"),
         ({"JWT_SECRET": SECRET, "PING_INTERVAL": "often"}, "GATEWAY_PING_INTERVAL"),
+        ({"JWT_SECRET": SECRET, "MAX_QUEUED_MESSAGES": "5"}, "GATEWAY_MAX_QUEUED_MESSAGES must be between"),
         ({"JWT_SECRET": SECRET, "PING_TIMEOUT": "0"}, "GATEWAY_PING_TIMEOUT must be between"),
         ({"JWT_SECRET": SECRET, "PUBLISH_KEY": "k" * 31}, "GATEWAY_PUBLISH_KEY must be at least 32"),
         ({"JWT_SECRET": SECRET, "PUBLISH_MAX_BYTES": "10"}, "GATEWAY_PUBLISH_MAX_BYTES must be between"),

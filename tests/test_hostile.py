@@ -1,0 +1,67 @@
+"""Clients that misbehave on purpose, spoken to with raw sockets where a Socket.IO client would not misbehave."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import socket
+import struct
+
+import pytest
+from conftest import connected, eventually, make_gateway, serve, token
+
+from asgi import create_app
+from gateway import NAMESPACE
+
+pytestmark = pytest.mark.anyio
+
+
+def client_frame(text: str) -> bytes:
+    """One masked WebSocket text frame, as a client must send it."""
+    data, mask = text.encode(), os.urandom(4)
+    length = bytes([0x80 | len(data)]) if len(data) < 126 else bytes([0x80 | 126]) + struct.pack("!H", len(data))
+    return bytes([0x81]) + length + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(data))
+
+
+async def raw_websocket(url: str, receive_buffer: int = 4096) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A WebSocket connection to the gateway's Engine.IO endpoint, with a small kernel receive buffer."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", int(url.rsplit(":", 1)[1]))
+    writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    key = base64.b64encode(os.urandom(16)).decode()
+    writer.write(
+        f"GET /socket.io/?EIO=4&transport=websocket HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)).startswith(b"HTTP/1.1 101")
+    return reader, writer
+
+
+async def test_a_client_that_stops_reading_is_ended_and_the_others_keep_receiving():
+    gateway = make_gateway(MAX_QUEUED_MESSAGES="100", METRICS="1")
+    async with serve(create_app(gateway)) as url:
+        async with connected(url, "good") as [good]:
+            _, writer = await raw_websocket(url)
+            writer.write(client_frame("40" + json.dumps({"token": token("slow")})))
+            await writer.drain()
+            await eventually(lambda: gateway.connection_count("slow") == 1)
+            writer.transport.pause_reading()  # from here on the client reads nothing: the kernel buffers fill
+            stalled_socket = gateway.sio.eio.sockets[
+                gateway.manager.eio_sid_from_sid(
+                    next(sid for sid, _ in gateway.manager.get_participants(NAMESPACE, "user:slow")), NAMESPACE
+                )
+            ]
+            largest_queue = 0
+            for n in range(2000):
+                await gateway.emit_to_user("slow", "big", "x" * 10_000)
+                await gateway.emit_to_user("good", "n", n)
+                largest_queue = max(largest_queue, stalled_socket.queue.qsize())
+                if n % 100 == 0:
+                    await asyncio.sleep(0.01)  # let the server's writers run, as they would between real emits
+            assert largest_queue <= 100 + 2  # the limit, plus the packets of the emit that found it full
+            assert gateway.connection_count("slow") == 0
+            assert [data for _, data in [await good.next_event() for _ in range(2000)]] == list(range(2000))
+            stalled = gateway.metrics.registry.get_sample_value("gateway_disconnects_total", {"reason": "stalled"})
+            assert stalled == 1
+            writer.close()
