@@ -303,13 +303,34 @@ class GatewayMetrics:
         )
 
 
+class GatewayServer(socketio.AsyncServer):
+    """python-socketio's server, except that a client sending a malformed or binary packet is disconnected.
+
+    python-socketio logs a traceback for a malformed packet and keeps the connection; binary packets make it
+    collect attachments for as long as the client announces them. Clients of this gateway send only JSON
+    (`refresh`), so either ends that connection, with one log line.
+    """
+
+    async def _handle_eio_message(self, eio_sid: str, data: Any) -> None:
+        if isinstance(data, bytes) or data[:1] in (str(packet.BINARY_EVENT), str(packet.BINARY_ACK)):
+            problem = "binary packet"
+        else:
+            try:
+                return await super()._handle_eio_message(eio_sid, data)
+            except Exception as exc:  # whatever python-socketio's decoder raised on this client's input
+                problem = f"malformed packet ({type(exc).__name__})"
+        client = client_address(self.environ.get(eio_sid, {}).get("asgi.scope", {}))
+        logger.info("closed the connection of %s: %s", client, problem, extra={"client": client, "reason": "malformed"})
+        await self.eio.disconnect(eio_sid)
+
+
 def create_server(settings: Settings) -> socketio.AsyncServer:
     if settings.redis_url:
         manager: GatewayManager = GatewayRedisManager(settings.redis_url, channel=settings.redis_channel)
     else:
         manager = GatewayManager()
     manager.max_queued = settings.max_queued_messages
-    return socketio.AsyncServer(
+    return GatewayServer(
         client_manager=manager,
         async_mode="asgi",
         cors_allowed_origins=settings.cors_origins,

@@ -65,3 +65,60 @@ async def test_a_client_that_stops_reading_is_ended_and_the_others_keep_receivin
             stalled = gateway.metrics.registry.get_sample_value("gateway_disconnects_total", {"reason": "stalled"})
             assert stalled == 1
             writer.close()
+
+
+@pytest.fixture
+async def live():
+    gateway = make_gateway()
+    async with serve(create_app(gateway)) as url:
+        async with connected(url, "good") as [good]:
+            yield gateway, url, good
+
+
+MALFORMED = {
+    "not a packet type": "4abc",
+    "unknown Socket.IO type": "4z",
+    "cut-off JSON": "42[",
+    "event that is an object": "42{}",
+    "binary event announcing attachments": '451-["upload",{"_placeholder":true,"num":0}]',
+}
+
+
+async def engineio_close_packet(reader: asyncio.StreamReader) -> None:
+    """Read server frames until the Engine.IO CLOSE packet (a one-byte text frame holding "1")."""
+    received = b""
+    while b"\x81\x011" not in received:
+        chunk = await reader.read(4096)
+        assert chunk, "the connection ended without a CLOSE packet"
+        received += chunk
+
+
+@pytest.mark.parametrize("connect_first", [False, True], ids=["before-connect", "after-connect"])
+@pytest.mark.parametrize("frame", MALFORMED.values(), ids=MALFORMED.keys())
+async def test_a_malformed_or_binary_packet_closes_that_connection_only(live, frame, connect_first, caplog):
+    gateway, url, good = live
+    reader, writer = await raw_websocket(url, 1 << 20)
+    if connect_first:
+        writer.write(client_frame("40" + json.dumps({"token": token("mallory")})))
+        await eventually(lambda: gateway.connection_count("mallory") == 1)
+    writer.write(client_frame(frame))
+    await asyncio.wait_for(engineio_close_packet(reader), 10)
+    writer.close()
+    await eventually(lambda: gateway.connection_count("mallory") == 0 and len(gateway.sio.eio.sockets) == 1)
+    assert gateway.sio._binary_packet == {}
+    assert "closed the connection of 127.0.0.1:" in caplog.text
+    await gateway.emit_to_user("good", "still", "served")
+    assert await good.next_event() == ("still", "served")
+
+
+@pytest.mark.parametrize("frames", [["9"], ['42["hello"]'], ["40/admin,{}"], ["40" + json.dumps({"token": "x.y.z"})]])
+async def test_packets_python_socketio_ignores_or_refuses_leave_the_node_serving(live, frames):
+    gateway, url, good = live
+    _, writer = await raw_websocket(url, 1 << 20)
+    for frame in frames:
+        writer.write(client_frame(frame))
+    await writer.drain()
+    await gateway.emit_to_user("good", "still", "served")
+    assert await good.next_event() == ("still", "served")
+    assert set(gateway.manager.rooms[NAMESPACE]) == {None, good.sid, "user:good"}
+    writer.close()
