@@ -21,8 +21,9 @@ from prometheus_client import (
 )
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import BaseRoute, Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway import (
     SocketGateway,
@@ -187,7 +188,7 @@ def watch_for_shutdown(gateway: SocketGateway) -> None:
     signal.signal(signal.SIGTERM, on_sigterm)
 
 
-def create_app(gateway: SocketGateway, routes: Sequence[BaseRoute] = ()) -> socketio.ASGIApp:
+def create_app(gateway: SocketGateway, routes: Sequence[BaseRoute] = ()) -> ASGIApp:
     """Combine `gateway`'s Socket.IO server with the HTTP routes (and any of yours) under one lifespan."""
 
     @contextlib.asynccontextmanager
@@ -205,7 +206,25 @@ def create_app(gateway: SocketGateway, routes: Sequence[BaseRoute] = ()) -> sock
     if gateway.settings.publish_key is not None:
         own_routes.append(publish_route(gateway))
     http = Starlette(routes=[*own_routes, *routes], lifespan=lifespan)
-    return socketio.ASGIApp(gateway.sio, other_asgi_app=http, socketio_path="socket.io")
+    socketio_app = socketio.ASGIApp(gateway.sio, other_asgi_app=http, socketio_path="socket.io")
+    return refuse_large_polling_posts(socketio_app, gateway.settings.max_message_bytes)
+
+
+def refuse_large_polling_posts(app: ASGIApp, max_bytes: int) -> ASGIApp:
+    """Answer 413 to a long-polling POST announcing more than `max_bytes` (or no length) before reading its body.
+
+    python-engineio checks Content-Length only after the first body chunk has arrived; clients always send it.
+    """
+
+    async def guarded(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"].startswith("/socket.io/"):
+            length = dict(scope["headers"]).get(b"content-length", b"")
+            if not length.isdigit() or int(length) > max_bytes:
+                await PlainTextResponse(f"a message is at most {max_bytes} bytes", status_code=413)(scope, receive, send)
+                return
+        await app(scope, receive, send)
+
+    return guarded
 
 
 app = create_app(gateway)

@@ -8,6 +8,7 @@ import json
 import os
 import socket
 import struct
+import urllib.request
 
 import pytest
 from conftest import connected, eventually, make_gateway, serve, token
@@ -122,3 +123,45 @@ async def test_packets_python_socketio_ignores_or_refuses_leave_the_node_serving
     assert await good.next_event() == ("still", "served")
     assert set(gateway.manager.rooms[NAMESPACE]) == {None, good.sid, "user:good"}
     writer.close()
+
+
+async def test_a_half_open_client_is_dropped_within_ping_interval_and_timeout():
+    gateway = make_gateway(PING_INTERVAL="1", PING_TIMEOUT="1")
+    async with serve(create_app(gateway)) as url:
+        async with connected(url, "good") as [good]:
+            _, writer = await raw_websocket(url)
+            writer.write(client_frame("40" + json.dumps({"token": token("ghost")})))
+            await eventually(lambda: gateway.connection_count("ghost") == 1)
+            # It never answers a ping from here on (python-socketio's client, good, does by itself).
+            await eventually(lambda: gateway.connection_count("ghost") == 0)  # 1 s + 1 s, within TIMEOUT
+            assert set(gateway.manager.rooms[NAMESPACE]) == {None, good.sid, "user:good"}
+            await gateway.emit_to_user("good", "still", "here")
+            assert await good.next_event() == ("still", "here")
+            writer.close()
+
+
+async def test_a_polling_post_over_the_limit_is_refused_before_its_body_is_read(live):
+    gateway, url, good = live
+    handshake = await asyncio.to_thread(
+        lambda: urllib.request.urlopen(f"{url}/socket.io/?EIO=4&transport=polling", timeout=10).read()
+    )
+    sid = json.loads(handshake[1:])["sid"]
+    reader, writer = await asyncio.open_connection("127.0.0.1", int(url.rsplit(":", 1)[1]))
+    # Announce 10 MB, send none of it: the answer must come from the headers alone.
+    writer.write(
+        f"POST /socket.io/?EIO=4&transport=polling&sid={sid} HTTP/1.1\r\nHost: test\r\n"
+        f"Content-Type: text/plain\r\nContent-Length: 10000000\r\n\r\n".encode()
+    )
+    status_line = await asyncio.wait_for(reader.readline(), 10)
+    assert status_line.split()[1] == b"413", status_line
+    writer.close()
+    # No length at all (a chunked body of unknown size) is refused the same way.
+    reader, writer = await asyncio.open_connection("127.0.0.1", int(url.rsplit(":", 1)[1]))
+    writer.write(
+        f"POST /socket.io/?EIO=4&transport=polling&sid={sid} HTTP/1.1\r\nHost: test\r\n"
+        f"Content-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+    )
+    assert (await asyncio.wait_for(reader.readline(), 10)).split()[1] == b"413"
+    writer.close()
+    await gateway.emit_to_user("good", "still", "here")
+    assert await good.next_event() == ("still", "here")
