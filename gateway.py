@@ -304,12 +304,20 @@ class GatewayMetrics:
 
 
 class GatewayServer(socketio.AsyncServer):
-    """python-socketio's server, except that a client sending a malformed or binary packet is disconnected.
+    """python-socketio's server, except that a client sending a malformed or binary packet is disconnected,
+    and a CONNECT that arrives after its session closed is dropped.
 
     python-socketio logs a traceback for a malformed packet and keeps the connection; binary packets make it
     collect attachments for as long as the client announces them. Clients of this gateway send only JSON
     (`refresh`), so either ends that connection, with one log line.
     """
+
+    async def _handle_connect(self, eio_sid: str, namespace: str, data: Any) -> None:
+        # python-socketio registers the connection, then reads self.environ[eio_sid]. When the Engine.IO session
+        # closed while this CONNECT waited its turn, that raised KeyError and left the sid registered for good
+        # (found by the fuzz test in tests/test_hostile.py).
+        if eio_sid in self.environ:
+            await super()._handle_connect(eio_sid, namespace, data)
 
     async def _handle_eio_message(self, eio_sid: str, data: Any) -> None:
         if isinstance(data, bytes) or data[:1] in (str(packet.BINARY_EVENT), str(packet.BINARY_ACK)):

@@ -233,3 +233,4 @@ def test_random_frames_never_take_the_node_down(portal_with_live_server):
     # which the short ping settings above bring within this wait.)
     portal.call(eventually, lambda: set(gateway.manager.rooms[NAMESPACE]) == {None, good.sid, "user:good"})
     portal.call(eventually, lambda: len(gateway.sio.eio.sockets) == 1)
+    assert gateway.manager.pending_connect == {} and set(gateway.sio.environ) == set(gateway.sio.eio.sockets)
