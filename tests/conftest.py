@@ -29,7 +29,7 @@ import socketio  # noqa: E402
 import uvicorn  # noqa: E402
 
 from auth import mint_token  # noqa: E402
-from gateway import SocketGateway, create_server, load_settings  # noqa: E402
+from gateway import NAMESPACE, SocketGateway, create_server, load_settings  # noqa: E402
 
 TIMEOUT = 10  # seconds any single wait may take before a test fails
 
@@ -80,6 +80,35 @@ async def eventually(condition: Callable[[], bool]) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"condition still false after {TIMEOUT} s")
         await asyncio.sleep(0.005)
+
+
+async def nothing_left(leftovers: Callable[[], dict[str, Any]], timeout: float = TIMEOUT) -> None:
+    """Wait until `leftovers()` is empty: a leak never converges, and the failure names what is left."""
+    deadline = time.monotonic() + timeout
+    while left := leftovers():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"left after {timeout} s: {left}")
+        await asyncio.sleep(0.005)
+
+
+def server_state(gateway: SocketGateway) -> dict[str, int]:
+    """What the server keeps per connection, and the process resources a leak would grow."""
+    return {
+        "engine.io sockets": len(gateway.sio.eio.sockets),
+        "environs": len(gateway.sio.environ),
+        "rooms": len(gateway.manager.rooms.get(NAMESPACE, {})),
+        "pending connects": len(gateway.manager.pending_connect),
+        "gateway tasks": len(gateway._tasks),
+        "expiry timers": len(gateway._deadlines),
+        "asyncio tasks": len(asyncio.all_tasks()),
+        "file descriptors": len(os.listdir("/proc/self/fd")),
+    }
+
+
+def grown_since(baseline: dict[str, int], gateway: SocketGateway) -> dict[str, str]:
+    """The parts of `server_state` that are larger than in `baseline`, as "before -> now"."""
+    state = server_state(gateway)
+    return {name: f"{baseline[name]} -> {state[name]}" for name in state if state[name] > baseline[name]}
 
 
 class Client:
@@ -216,6 +245,7 @@ def gateway_process(
     command = {
         "uvicorn": [sys.executable, "-m", "uvicorn", app, "--fd", str(fd), *args],
         "hypercorn": [sys.executable, "-m", "hypercorn", app, "--bind", f"fd://{fd}", *args],
+        "./run start": [str(ROOT / "run"), "start", "--fd", str(fd), *args],  # the README's start command
     }[server]
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
     full_env.update({"GATEWAY_JWT_SECRET": SECRET, **(env or {})})

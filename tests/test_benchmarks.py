@@ -15,6 +15,7 @@ from conftest import ROOT, require_program
         ("cluster.py", ("| 1 |", "| 2 |"), "redis-server"),
         ("metrics_overhead.py", ("| 0 |", "| 1 |"), None),
         ("fanout.py", ("| fan-out delivered msgs/s |", "| targeted delivered msgs/s |"), "node"),
+        ("soak.py", ("| 0 |", "| 600 |"), None),
     ],
 )
 def test_benchmark_smoke_mode_runs(script, rows, needs):

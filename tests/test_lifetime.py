@@ -9,7 +9,20 @@ import time
 
 import pytest
 import socketio
-from conftest import TIMEOUT, Client, connected, eventually, gateway_process, make_gateway, refusal, serve, token
+from conftest import (
+    TIMEOUT,
+    Client,
+    connected,
+    eventually,
+    gateway_process,
+    grown_since,
+    make_gateway,
+    nothing_left,
+    refusal,
+    serve,
+    server_state,
+    token,
+)
 
 from asgi import create_app
 from gateway import END_EVENT, NAMESPACE
@@ -106,9 +119,7 @@ async def test_connection_limit_refuses_the_extra_one_and_admits_again_after_a_d
 
 
 async def test_nothing_is_left_after_1000_connect_disconnect_cycles():
-    # python-engineio's per-connection ping task outlives its connection by up to one ping interval: a short
-    # interval lets the count come back to its baseline within this test.
-    gateway = make_gateway(PING_INTERVAL="1")
+    gateway = make_gateway()
     async with serve(create_app(gateway)) as url:
         await churn(gateway, url)
 
@@ -116,32 +127,14 @@ async def test_nothing_is_left_after_1000_connect_disconnect_cycles():
 async def churn(gateway, url: str) -> None:
     await one_cycle(url, 0)  # warm up python-socketio's and aiohttp's own lazily started tasks
     await eventually(lambda: not gateway.sio.eio.sockets)
-    tasks_before = len(asyncio.all_tasks())
+    baseline = server_state(gateway)
 
     async def worker(n: int) -> None:
         for i in range(100):
             await one_cycle(url, n * 100 + i)
 
     await asyncio.gather(*(worker(n) for n in range(10)))
-
-    def leftovers() -> dict[str, object]:
-        extra_tasks = len(asyncio.all_tasks()) - tasks_before
-        remaining = {
-            "engine.io sockets": len(gateway.sio.eio.sockets),
-            "gateway tasks": len(gateway._tasks),
-            "expiry timers": len(gateway._deadlines),
-            "rooms": len(gateway.sio.manager.rooms.get(NAMESPACE, {})),
-            "environs": len(gateway.sio.environ),
-            "extra asyncio tasks": extra_tasks > 0 and sorted(t.get_coro().__qualname__ for t in asyncio.all_tasks()),
-        }
-        return {name: value for name, value in remaining.items() if value}
-
-    # Each piece is freed a moment after its client leaves (engine.io's ping task one ping interval later);
-    # a leak never converges, and the failure names what is left.
-    deadline = time.monotonic() + 3 * TIMEOUT
-    while left := leftovers():
-        assert time.monotonic() < deadline, f"left after 1,000 cycles: {left}"
-        await asyncio.sleep(0.005)
+    await nothing_left(lambda: grown_since(baseline, gateway), timeout=3 * TIMEOUT)  # each is freed soon after it left
 
 
 async def one_cycle(url: str, n: int) -> None:
