@@ -126,6 +126,23 @@ async def test_packets_python_socketio_ignores_or_refuses_leave_the_node_serving
     writer.close()
 
 
+async def test_a_second_connect_on_one_connection_is_refused_and_the_first_stands(live):
+    gateway, url, good = live
+    reader, writer = await raw_websocket(url)
+    assert (await server_text(reader)).startswith("0{")
+    for _ in range(2):
+        writer.write(client_frame("40" + json.dumps({"token": token("mallory")})))
+    assert (await server_text(reader)).startswith("40{")
+    assert await server_text(reader) == '44"Unable to connect"'  # python-socketio's own refusal
+    assert gateway.connection_count("mallory") == 1
+    await gateway.emit_to_user("mallory", "only", "once")
+    assert await server_text(reader) == '42["only","once"]'
+    writer.close()
+    await eventually(lambda: gateway.connection_count("mallory") == 0)
+    await gateway.emit_to_user("good", "still", "served")
+    assert await good.next_event() == ("still", "served")
+
+
 async def test_a_half_open_client_is_dropped_within_ping_interval_and_timeout():
     gateway = make_gateway(PING_INTERVAL="1", PING_TIMEOUT="1")
     async with serve(create_app(gateway)) as url:
