@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import base64
 import json
+import sys
 import time
+import unicodedata
 from typing import Any
 
 import pytest
@@ -237,6 +239,15 @@ def test_signed_claims_give_the_claimed_user_or_nothing(claims):
     assert result is None or result == {"user_id": claims["sub"]}
     if result is not None:  # then every rule held
         assert isinstance(claims["exp"], (int, float)) and claims["exp"] >= now() - HS.leeway - 1
+
+
+def test_the_user_id_character_rule_is_exactly_unicodes_control_surrogate_and_separator_categories():
+    from auth import FORBIDDEN_IN_USER_ID
+
+    forbidden = {"Cc", "Cs", "Zl", "Zp"}
+    for code in range(sys.maxunicode + 1):
+        c = chr(code)
+        assert (FORBIDDEN_IN_USER_ID.search(c) is not None) == (unicodedata.category(c) in forbidden), hex(code)
 
 
 @settings(max_examples=200)

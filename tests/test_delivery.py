@@ -7,12 +7,13 @@ import contextlib
 
 import anyio.from_thread
 import pytest
+import socketio
 from conftest import Client, connected, make_gateway, serve, token
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from asgi import create_app
-from gateway import NAMESPACE, user_room
+from gateway import NAMESPACE, encode_event, user_room
 
 pytestmark = pytest.mark.anyio
 
@@ -172,6 +173,20 @@ async def test_polling_client_receives_too(live):
 def test_a_users_room_is_always_user_colon_id(user_id):
     assert user_room(user_id) == "user:" + user_id
     assert user_room(user_id).removeprefix("user:") == user_id
+
+
+json_and_bytes = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text() | st.binary(max_size=8),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=12,
+)
+
+
+@given(namespace=st.sampled_from(["/", "/chat"]), event=st.text(min_size=1), arguments=st.lists(json_and_bytes))
+def test_the_gateways_packet_encoding_is_python_socketios(namespace, event, arguments):
+    data = [event, *arguments]
+    library = socketio.packet.Packet(socketio.packet.EVENT, namespace=namespace, data=data).encode()
+    assert encode_event(socketio.packet.Packet, namespace, data) == library
 
 
 USERS = ["u1", "u2", "u3"]
