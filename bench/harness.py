@@ -31,18 +31,28 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def process_tree(pid: int) -> list[int]:
+    """A process and all its descendants (granian, for one, runs its worker as a child process)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [pid, *(p for child in children for p in process_tree(int(child)))]
+
+
 def rss_bytes(pid: int) -> int:
-    """Resident memory of a process."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmRSS for {pid}")
+    """Resident memory of a process and its descendants."""
+    total = 0
+    for member in process_tree(pid):
+        lines = Path(f"/proc/{member}/status").read_text().splitlines()
+        total += next(int(line.split()[1]) * 1024 for line in lines if line.startswith("VmRSS:"))
+    return total
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time a process has used so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU time a process and its descendants have used so far."""
+    total = 0
+    for member in process_tree(pid):
+        fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def start_redis(port: int) -> subprocess.Popen[str]:
@@ -57,16 +67,21 @@ def start_redis(port: int) -> subprocess.Popen[str]:
 
 def start_node(port: int, settings: dict[str, str], app: str = "asgi:app", *args: str) -> subprocess.Popen[str]:
     """`uvicorn <app>` on core 0 with these GATEWAY_* settings, returned once its port accepts."""
+    command = [sys.executable, "-m", "uvicorn", app, *args, "--port", str(port), "--log-level", "warning"]
+    return start_server(command, port, settings)
+
+
+def start_server(command: list[str], port: int, settings: dict[str, str], cores: str = "0") -> subprocess.Popen[str]:
+    """Any server `command` on `cores` (WebSocket only unless `settings` say otherwise), once `port` accepts."""
     env = os.environ | {"GATEWAY_TRANSPORTS": "websocket"} | settings
-    command = ["taskset", "-c", "0", sys.executable, "-m", "uvicorn", app, *args, "--port", str(port)]
-    process = subprocess.Popen([*command, "--log-level", "warning"], cwd=ROOT, env=env)
+    process = subprocess.Popen(["taskset", "-c", cores, *command], cwd=ROOT, env=env)
     deadline = time.monotonic() + 30
-    while True:  # the node is ready when its port accepts
+    while True:  # the server is ready when its port accepts
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
             return process
         except OSError:
-            if time.monotonic() > deadline:
+            if process.poll() is not None or time.monotonic() > deadline:
                 raise
             time.sleep(0.05)
 

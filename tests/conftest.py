@@ -235,23 +235,46 @@ def redis_server(port: int | None = None) -> Iterator[RedisServer]:
         server.kill()
 
 
+def wait_for_port(port: int, process: subprocess.Popen[str] | None = None) -> None:
+    """Wait until a server started in the background accepts on `port`; fail after TIMEOUT or if `process` exits."""
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if (process and process.poll() is not None) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)  # a port that is not open yet sends no event to wait on
+
+
 @contextlib.contextmanager
 def gateway_process(
     *args: str, env: dict[str, str] | None = None, server: str = "uvicorn", app: str = "asgi:app"
 ) -> Iterator[tuple[str, subprocess.Popen[str]]]:
-    """Run `app` in its own server process on an inherited listening socket; yield (base URL, process)."""
+    """Run `app` in its own server process on an inherited listening socket; yield (base URL, process).
+
+    granian cannot take a socket: it binds a free port itself, and the base URL is yielded once that port accepts.
+    """
     sock = listening_socket()
     fd = sock.fileno()
+    port = sock.getsockname()[1]
+    if server == "granian":
+        sock.close()
     command = {
         "uvicorn": [sys.executable, "-m", "uvicorn", app, "--fd", str(fd), *args],
         "hypercorn": [sys.executable, "-m", "hypercorn", app, "--bind", f"fd://{fd}", *args],
         "./run start": [str(ROOT / "run"), "start", "--fd", str(fd), *args],  # the README's start command
+        "granian": [sys.executable, "-m", "granian", "--interface", "asgi", "--port", str(port), app, *args],
     }[server]
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
     full_env.update({"GATEWAY_JWT_SECRET": SECRET, **(env or {})})
-    process = subprocess.Popen(command, cwd=ROOT, env=full_env, pass_fds=[fd], stderr=subprocess.PIPE, text=True)
+    pass_fds = [] if server == "granian" else [fd]
+    process = subprocess.Popen(command, cwd=ROOT, env=full_env, pass_fds=pass_fds, stderr=subprocess.PIPE, text=True)
     try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}", process
+        if server == "granian":
+            wait_for_port(port, process)
+        yield f"http://127.0.0.1:{port}", process
     finally:
         process.terminate()
         process.wait(TIMEOUT)

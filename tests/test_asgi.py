@@ -71,8 +71,9 @@ def test_uvicorn_command_line_serves_the_app():
         asyncio.run(check_accepts_and_refuses(url))
 
 
-def test_hypercorn_serves_the_same_app():
-    with gateway_process(server="hypercorn") as (url, _):
+@pytest.mark.parametrize("server", ["hypercorn", "granian"])
+def test_other_asgi_servers_serve_the_same_app(server):
+    with gateway_process(server=server) as (url, _):
         status, _, body = get(f"{url}/health")  # the socket listens already; this waits for the server
         assert (status, json.loads(body)) == (200, {"status": "ok"})
         asyncio.run(check_accepts_and_refuses(url))

@@ -28,6 +28,7 @@ from conftest import (
     require_program,
     serve,
     token,
+    wait_for_port,
 )
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -244,7 +245,7 @@ def test_nginx_recipe_proxies_websocket_and_polling_and_forwards_the_client_addr
                 server = subprocess.Popen([nginx, "-c", str(config), "-g", "daemon off;"])
                 try:
                     front = f"http://127.0.0.1:{listen}"
-                    wait_until_listening(listen)
+                    wait_for_port(listen)
                     assert get(f"{front}/health")[0] == 200
                     assert get(f"{front}/metrics")[0] == 404
                     asyncio.run(through_nginx(front))
@@ -259,21 +260,6 @@ def test_nginx_recipe_proxies_websocket_and_polling_and_forwards_the_client_addr
     refusals = [line for line in logs if "refused connection" in line]
     # The client connected from 127.0.0.2; nginx itself talks to the gateway from 127.0.0.1.
     assert len(refusals) == 4 and all("refused connection from 127.0.0.2:" in line for line in refusals)
-
-
-def wait_until_listening(port: int) -> None:
-    """nginx starts in the background: wait for its port to accept, up to TIMEOUT."""
-    import socket
-    import time
-
-    deadline = time.monotonic() + TIMEOUT
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            assert time.monotonic() < deadline, "nginx did not start"
-            time.sleep(0.02)
 
 
 async def through_nginx(front: str) -> None:
