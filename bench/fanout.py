@@ -41,8 +41,18 @@ from harness import ROOT, SECRET, cpu_seconds, free_port, rss_bytes, start_redis
 from auth import mint_token
 
 
-PHASES = ("fan-out", "targeted")  # the phases --profile records
+PHASES = ("connect", "fan-out", "targeted")  # the phases --profile records
 PY_SPY = str(Path(sys.executable).parent / "py-spy")  # from bench/requirements.txt
+
+
+def start_py_spy(pid: int, output: Path) -> subprocess.Popen[bytes]:
+    command = [PY_SPY, "record", "--pid", str(pid), "--rate", "500", "--format", "raw", "--nonblocking"]
+    return subprocess.Popen([*command, "--output", str(output)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def stop_py_spy(spy: subprocess.Popen[bytes]) -> None:
+    spy.send_signal(signal.SIGINT)  # py-spy writes its samples and exits
+    spy.wait(60)
 
 
 def post(url: str, job: dict) -> None:
@@ -61,17 +71,12 @@ class LoadGenerator:
         """Run `job` on the server and wait for `expect` messages; with `profile`, py-spy records the server."""
         self.process.stdin.write(json.dumps({"expect": expect}).encode() + b"\n")
         await self.line()  # ready
-        if profile:
-            spy = subprocess.Popen(
-                [PY_SPY, "record", "--pid", str(server_pid), "--rate", "500", "--format", "raw", "--nonblocking",
-                 "--output", str(profile)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            )
+        spy = profile and start_py_spy(server_pid, profile)
         cpu_before, own_before = cpu_seconds(server_pid), cpu_seconds(self.process.pid)
         await asyncio.to_thread(post, url, job)
         result = await self.line()
-        if profile:
-            spy.send_signal(signal.SIGINT)  # py-spy writes its samples and exits
-            spy.wait(60)
+        if spy:
+            stop_py_spy(spy)
         result["server_cpu"] = cpu_seconds(server_pid) - cpu_before
         result["loadgen_cpu"] = cpu_seconds(self.process.pid) - own_before
         return result
@@ -163,7 +168,7 @@ TABLES: dict[str, tuple[dict[str, Setup], list[tuple[str, str]]]] = {
 async def one_round(
     setup: Setup, clients: int, broadcasts: int, targeted: int, singles: int, profile: Path | None = None
 ) -> dict[str, float]:
-    """One setup through every phase; with `profile`, py-spy records the fan-out and targeted phases there."""
+    """One setup through every phase; with `profile`, py-spy records the PHASES into that folder."""
     port = free_port()
     env = {"GATEWAY_JWT_SECRET": SECRET, "GATEWAY_LOG_LEVEL": "warning", **setup.env}
     node = start_server(setup.command(port), port, env, setup.cores)
@@ -174,6 +179,7 @@ async def one_round(
     json.dump(auths, auth_file)
     auth_file.close()
     rss_idle, cpu_idle = rss_bytes(node.pid), cpu_seconds(node.pid)
+    spy = profile and start_py_spy(node.pid, profile / "connect.txt")
     process = await asyncio.create_subprocess_exec(
         "taskset", "-c", "1", "node", str(ROOT / "bench" / "loadgen.mjs"), url, auth_file.name,
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
@@ -182,6 +188,8 @@ async def one_round(
     loadgen = LoadGenerator(process)
     try:
         connected = await loadgen.line()
+        if spy:
+            stop_py_spy(spy)
         os.unlink(auth_file.name)
         assert connected["connected"] == clients and connected["failed"] == 0, connected
         per_connection = (rss_bytes(node.pid) - rss_idle) / clients
