@@ -75,15 +75,21 @@ def start_server(command: list[str], port: int, settings: dict[str, str], cores:
     """Any server `command` on `cores` (WebSocket only unless `settings` say otherwise), once `port` accepts."""
     env = os.environ | {"GATEWAY_TRANSPORTS": "websocket"} | settings
     process = subprocess.Popen(["taskset", "-c", cores, *command], cwd=ROOT, env=env)
-    deadline = time.monotonic() + 30
-    while True:  # the server is ready when its port accepts
+    wait_for_port(port, process, timeout=30)
+    return process
+
+
+def wait_for_port(port: int, process: subprocess.Popen[str] | None = None, timeout: float = 10) -> None:
+    """Wait until a server started in the background accepts on `port`; fail after `timeout` or if `process` exits."""
+    deadline = time.monotonic() + timeout
+    while True:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return process
+            return
         except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
+            if (process and process.poll() is not None) or time.monotonic() > deadline:
                 raise
-            time.sleep(0.05)
+            time.sleep(0.02)  # a port that is not open yet sends no event to wait on
 
 
 async def connect_clients(urls: list[str], count: int, inbox: dict[str, list[float]]) -> list[socketio.AsyncClient]:

@@ -24,12 +24,14 @@ for name in [n for n in os.environ if n.startswith("GATEWAY_")]:
     del os.environ[name]
 os.environ["GATEWAY_JWT_SECRET"] = SECRET
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))  # the benchmark's helpers: raw WebSocket clients, process measurements
 
 import socketio  # noqa: E402
 import uvicorn  # noqa: E402
 
 from auth import mint_token  # noqa: E402
 from gateway import NAMESPACE, SocketGateway, create_server, load_settings  # noqa: E402
+from harness import wait_for_port  # noqa: E402, F401  (re-exported to the tests)
 
 TIMEOUT = 10  # seconds any single wait may take before a test fails
 
@@ -235,19 +237,6 @@ def redis_server(port: int | None = None) -> Iterator[RedisServer]:
         server.kill()
 
 
-def wait_for_port(port: int, process: subprocess.Popen[str] | None = None) -> None:
-    """Wait until a server started in the background accepts on `port`; fail after TIMEOUT or if `process` exits."""
-    deadline = time.monotonic() + TIMEOUT
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            if (process and process.poll() is not None) or time.monotonic() > deadline:
-                raise
-            time.sleep(0.02)  # a port that is not open yet sends no event to wait on
-
-
 @contextlib.contextmanager
 def gateway_process(
     *args: str, env: dict[str, str] | None = None, server: str = "uvicorn", app: str = "asgi:app"
@@ -272,8 +261,7 @@ def gateway_process(
     pass_fds = [] if server == "granian" else [fd]
     process = subprocess.Popen(command, cwd=ROOT, env=full_env, pass_fds=pass_fds, stderr=subprocess.PIPE, text=True)
     try:
-        if server == "granian":
-            wait_for_port(port, process)
+        wait_for_port(port, process)  # at once for an inherited socket; granian binds its port itself
         yield f"http://127.0.0.1:{port}", process
     finally:
         process.terminate()

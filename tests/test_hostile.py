@@ -16,7 +16,6 @@ import aiohttp
 import anyio.from_thread
 import pytest
 from conftest import (
-    ROOT,
     connected,
     eventually,
     gateway_process,
@@ -33,9 +32,8 @@ from hypothesis import strategies as st
 from asgi import create_app
 from gateway import NAMESPACE
 
-sys.path.insert(0, str(ROOT / "bench"))
-from harness import rss_bytes  # noqa: E402
-from soak import churn, client_frame, raw_websocket, server_text  # noqa: E402  (raw WebSocket clients, shared with the soak)
+from harness import rss_bytes
+from soak import churn, client_frame, raw_websocket, server_text  # raw WebSocket clients, shared with the soak
 
 pytestmark = pytest.mark.anyio
 
@@ -179,27 +177,28 @@ async def test_10000_accepted_refused_and_reset_connections_leave_nothing_behind
             assert await good.next_event() == ("still", "served")
 
 
-async def test_a_polling_post_over_the_limit_is_refused_before_its_body_is_read(live):
-    gateway, url, good = live
+async def polling_post(url: str, length_header: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Open a long-polling session, then send the headers of a POST to it (with `length_header`) and no body."""
     handshake = await asyncio.to_thread(
         lambda: urllib.request.urlopen(f"{url}/socket.io/?EIO=4&transport=polling", timeout=10).read()
     )
-    sid = json.loads(handshake[1:])["sid"]
     reader, writer = await asyncio.open_connection("127.0.0.1", int(url.rsplit(":", 1)[1]))
-    # Announce 10 MB, send none of it: the answer must come from the headers alone.
     writer.write(
-        f"POST /socket.io/?EIO=4&transport=polling&sid={sid} HTTP/1.1\r\nHost: test\r\n"
-        f"Content-Type: text/plain\r\nContent-Length: 10000000\r\n\r\n".encode()
+        f"POST /socket.io/?EIO=4&transport=polling&sid={json.loads(handshake[1:])['sid']} HTTP/1.1\r\n"
+        f"Host: test\r\nContent-Type: text/plain\r\n{length_header}\r\n\r\n".encode()
     )
+    return reader, writer
+
+
+async def test_a_polling_post_over_the_limit_is_refused_before_its_body_is_read(live):
+    gateway, url, good = live
+    # Announce 10 MB, send none of it: the answer must come from the headers alone.
+    reader, writer = await polling_post(url, "Content-Length: 10000000")
     status_line = await asyncio.wait_for(reader.readline(), 10)
     assert status_line.split()[1] == b"413", status_line
     writer.close()
     # No length at all (a chunked body of unknown size) is refused the same way.
-    reader, writer = await asyncio.open_connection("127.0.0.1", int(url.rsplit(":", 1)[1]))
-    writer.write(
-        f"POST /socket.io/?EIO=4&transport=polling&sid={sid} HTTP/1.1\r\nHost: test\r\n"
-        f"Content-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
-    )
+    reader, writer = await polling_post(url, "Transfer-Encoding: chunked")
     assert (await asyncio.wait_for(reader.readline(), 10)).split()[1] == b"413"
     writer.close()
     await gateway.emit_to_user("good", "still", "here")
@@ -212,6 +211,7 @@ async def test_a_burst_of_refused_connections_keeps_no_good_client_out_and_leave
     baseline = server_state(gateway)
     good_ones_done = asyncio.Event()
     burst = asyncio.create_task(churn(url, 100_000, concurrency=50, until=good_ones_done.is_set, kinds=("refused",)))
+
     def refused() -> float | None:
         return gateway.metrics.registry.get_sample_value("gateway_connections_refused_total", {"reason": "invalid"})
 
@@ -230,20 +230,12 @@ PUBLISH_KEY = "publish-key-" + "k" * 40
 
 async def send_oversized(url: str, transport: str, size: int) -> bytes:
     """Announce one message of `size` bytes, read the server's answer, then send the bytes; return the answer."""
-    port = int(url.rsplit(":", 1)[1])
     if transport == "websocket":
         reader, writer = await raw_websocket(url)
         await server_text(reader)  # the Engine.IO OPEN packet
         writer.write(bytes([0x81, 0x80 | 127]) + struct.pack("!Q", size) + bytes(4))  # a zero mask leaves data as is
     else:
-        handshake = await asyncio.to_thread(
-            lambda: urllib.request.urlopen(f"{url}/socket.io/?EIO=4&transport=polling", timeout=10).read()
-        )
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(
-            f"POST /socket.io/?EIO=4&transport=polling&sid={json.loads(handshake[1:])['sid']} HTTP/1.1\r\n"
-            f"Host: test\r\nContent-Type: text/plain\r\nContent-Length: {size}\r\n\r\n".encode()
-        )
+        reader, writer = await polling_post(url, f"Content-Length: {size}")
     answer = await asyncio.wait_for(reader.read(4096), 10)  # the header alone must be enough to refuse it
     with contextlib.suppress(ConnectionError):  # then send the body anyway, as far as the server lets us
         for _ in range(size // 2**20):
