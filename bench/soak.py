@@ -1,7 +1,7 @@
 """Connect/disconnect churn against one gateway node: accepted, refused and abruptly reset connections.
 
     .venv/bin/python bench/soak.py                          # 100,000 cycles or 10 minutes, whichever ends first
-    .venv/bin/python bench/soak.py --cycles 5000 --minutes 1
+    .venv/bin/python bench/soak.py --cycles 5000 --kinds refused   # a burst of refused connections only
     .venv/bin/python bench/soak.py --smoke                  # a few seconds, to prove the script still runs
 
 The node is `uvicorn asgi:app` pinned to core 0 with metrics on; this process (core 1) speaks raw WebSocket, so
@@ -127,7 +127,7 @@ def sample(node: subprocess.Popen[str], url: str, cycles: int, seconds: float) -
     return cycles, seconds, rss_bytes(node.pid), open_files(node.pid), connections_gauge(url)
 
 
-async def soak(cycles: int, minutes: float, report_every: int) -> None:
+async def soak(cycles: int, minutes: float, report_every: int, kinds: tuple[str, ...] = KINDS) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     node = start_node(port, {"GATEWAY_METRICS": "1", "GATEWAY_LOG_LEVEL": "warning"})
@@ -140,7 +140,7 @@ async def soak(cycles: int, minutes: float, report_every: int) -> None:
         total: Counter[str] = Counter()
         while sum(total.values()) < cycles and time.monotonic() < deadline:
             batch = min(report_every, cycles - sum(total.values()))
-            total += await churn(url, batch, until=lambda: time.monotonic() > deadline)
+            total += await churn(url, batch, until=lambda: time.monotonic() > deadline, kinds=kinds)
             samples.append(sample(node, url, sum(total.values()), time.monotonic() - started))
             done, seconds, rss, fds, connections = samples[-1]
             print(f"{done:,} cycles  {seconds:.0f} s  RSS {rss / 2**20:.1f} MiB  fds {fds}  connections {connections:g}")
@@ -162,12 +162,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cycles", type=int, default=100_000)
     parser.add_argument("--minutes", type=float, default=10)
+    parser.add_argument("--kinds", default=",".join(KINDS), help="comma-separated, of " + ", ".join(KINDS))
     parser.add_argument("--smoke", action="store_true", help="600 cycles")
     args = parser.parse_args()
     os.sched_setaffinity(0, {1})  # the node has core 0
     if args.smoke:
         args.cycles = 600
-    asyncio.run(soak(args.cycles, args.minutes, report_every=200 if args.smoke else 10_000))
+    kinds = tuple(args.kinds.split(","))
+    if not set(kinds) <= set(KINDS):
+        parser.error(f"--kinds takes {', '.join(KINDS)}")
+    asyncio.run(soak(args.cycles, args.minutes, report_every=200 if args.smoke else 10_000, kinds=kinds))
 
 
 if __name__ == "__main__":

@@ -284,3 +284,4 @@ def test_systemd_unit_names_the_start_command():
     unit = (ROOT / "deploy" / "socket-gateway.service").read_text()
     assert "ExecStart=" in unit and "uvicorn asgi:app" in unit and "--workers" in unit
     assert "--proxy-headers" in unit and "PROMETHEUS_MULTIPROC_DIR" in unit
+    assert "--ws-per-message-deflate false" in unit and "--ws-max-size 16384" in unit  # as ./run start sets them
