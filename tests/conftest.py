@@ -97,6 +97,7 @@ def server_state(gateway: SocketGateway) -> dict[str, int]:
     """What the server keeps per connection, and the process resources a leak would grow."""
     return {
         "engine.io sockets": len(gateway.sio.eio.sockets),
+        "websockets": len(gateway.sio.eio.websockets),
         "environs": len(gateway.sio.environ),
         "rooms": len(gateway.manager.rooms.get(NAMESPACE, {})),
         "pending connects": len(gateway.manager.pending_connect),

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 
 import anyio.from_thread
 import pytest
 import socketio
-from conftest import Client, connected, make_gateway, serve, token
+from conftest import TIMEOUT, Client, connected, eventually, make_gateway, serve, token
+from engineio import packet as eio_packet
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from asgi import create_app
-from gateway import NAMESPACE, encode_event, user_room
+from gateway import NAMESPACE, GatewayWebSocket, SendQueue, encode_event, run_eagerly, user_room
+
+from soak import client_frame, raw_websocket, server_text  # raw WebSocket clients, shared with the soak
 
 pytestmark = pytest.mark.anyio
 
@@ -280,20 +284,145 @@ def test_room_operations_pass_their_arguments_through_unchanged(portal_with_clie
 # ---- the gateway's own delivery path (GatewayManager) and the python-socketio internals it relies on -----------
 
 
-async def test_emits_queue_on_engineio_sockets_directly_not_through_a_task_per_recipient(live, monkeypatch):
+def engineio_socket(gateway, client: Client):
+    return gateway.sio.eio.sockets[gateway.manager.eio_sid_from_sid(client.sid, NAMESPACE)]
+
+
+async def test_emits_are_written_straight_to_idle_websockets_not_through_a_task_per_recipient(live, monkeypatch):
     import engineio.async_socket
 
     gateway, url = live
     sent_the_library_way = []
     monkeypatch.setattr(gateway.sio, "_send_eio_packet", lambda *args: sent_the_library_way.append(args))
     async with connected(url, *[f"user{n}" for n in range(20)]) as clients:
-        for client in clients:  # what _deliver reads: eio_sid -> AsyncSocket with a send coroutine
-            socket = gateway.sio.eio.sockets[gateway.manager.eio_sid_from_sid(client.sid, NAMESPACE)]
+        queued = []
+        for client in clients:  # what _deliver reads: the AsyncSocket, its queue, and the WebSocket it runs on
+            socket = engineio_socket(gateway, client)
             assert isinstance(socket, engineio.async_socket.AsyncSocket) and not socket.closed
+            assert isinstance(socket.queue, SendQueue) and socket.queue.readers == 1  # the writer task waits
+            websocket = gateway.sio.eio.websockets[socket.sid]
+            assert isinstance(websocket, GatewayWebSocket) and websocket.socket is socket
+            assert socket.upgraded and not socket.upgrading and websocket.can_write_now()
+            monkeypatch.setattr(socket, "send", lambda pkt, send=socket.send: queued.append(pkt) or send(pkt))
         await gateway.broadcast("fan", {"out": True})
+        assert queued == []  # every recipient written to directly
+        await gateway.emit_to_user("user0", "second", 2)  # the same turn of the loop: queued, sent in a burst
+        assert len(queued) == 1
         for client in clients:
             assert await client.next_event() == ("fan", {"out": True})
+        assert await clients[0].next_event() == ("second", 2)
     assert sent_the_library_way == []
+    await eventually(lambda: gateway.sio.eio.websockets == {})  # each leaves with its connection
+
+
+async def test_a_direct_write_that_waits_for_a_slow_client_keeps_its_place_before_queued_packets(live):
+    gateway, url = live
+    reader, writer = await raw_websocket(url)  # a small receive buffer would make reading it all back slow
+    writer.write(client_frame("40" + json.dumps({"token": token("slow")})))
+    await writer.drain()
+    await eventually(lambda: gateway.connection_count("slow") == 1)
+    _, eio_sid = next(gateway.manager.get_participants(NAMESPACE, "user:slow"))
+    websocket = gateway.sio.eio.websockets[eio_sid]
+    writer.transport.pause_reading()  # the kernel buffers, then uvicorn's, fill until a write has to wait
+    sent = 0
+    while websocket.waiting is None:
+        assert sent < 5000, "no direct write ever had to wait"
+        await gateway.emit_to_user("slow", "n", {"n": sent, "pad": "x" * 10_000})
+        sent += 1
+        await asyncio.sleep(0)  # a new turn of the loop: the next emit may write directly again
+    for _ in range(50):  # these queue behind the waiting write; the writer task must not pass it
+        await gateway.emit_to_user("slow", "n", {"n": sent, "pad": ""})
+        sent += 1
+        await asyncio.sleep(0)
+    writer.transport.resume_reading()
+    received = []
+    while len(received) < sent:
+        text = await asyncio.wait_for(server_text(reader), TIMEOUT)
+        if text.startswith("42"):
+            received.append(json.loads(text[2:])[1]["n"])
+    assert received == list(range(sent))
+    assert websocket.waiting is None
+    writer.close()
+
+
+def test_direct_and_queued_packets_reach_a_connection_in_the_order_they_were_sent(portal_with_clients):
+    """Whatever mix of direct writes, python-engineio's queue and turns of the loop, order is kept."""
+    portal, gateway, clients = portal_with_clients
+    client = clients[0]
+
+    async def run(steps: list[str]) -> None:
+        socket = engineio_socket(gateway, client)
+        for n, step in enumerate(steps):
+            if step == "emit":
+                await gateway.manager.emit("e", n, NAMESPACE, room=client.sid)
+            elif step == "queue":  # as python-socketio's own packets (acks, pings) travel
+                encoded = encode_event(gateway.sio.packet_class, NAMESPACE, ["e", n])
+                await socket.send(eio_packet.Packet(eio_packet.MESSAGE, encoded))
+            else:
+                await asyncio.sleep(0)
+        await gateway.broadcast("marker")
+        got = [data for _, data in await client.events_until("marker")]
+        assert got == [n for n, step in enumerate(steps) if step != "turn"]
+        for other in clients[1:]:
+            await other.events_until("marker")
+
+    @settings(max_examples=60, deadline=None)
+    @given(steps=st.lists(st.sampled_from(["emit", "queue", "turn"]), max_size=30))
+    def check(steps):
+        portal.call(run, steps)
+
+    check()
+
+
+async def test_run_eagerly_runs_a_coroutine_up_to_its_first_wait_and_a_task_finishes_it():
+    done = []
+
+    async def at_once():
+        done.append("at once")
+
+    assert run_eagerly(at_once()) is None and done == ["at once"]
+
+    future = asyncio.get_running_loop().create_future()
+
+    async def waits():
+        done.append("before")
+        done.append(await future)
+        await asyncio.sleep(0)  # a bare yield
+        done.append("after")
+
+    task = run_eagerly(waits())
+    assert isinstance(task, asyncio.Task) and done[-1] == "before"
+    future.set_result("result")
+    await asyncio.wait_for(task, TIMEOUT)
+    assert done[-2:] == ["result", "after"]
+
+    failing = asyncio.get_running_loop().create_future()
+
+    async def sees_the_error():
+        try:
+            await failing
+        except ValueError as error:
+            done.append(str(error))
+
+    task = run_eagerly(sees_the_error())
+    failing.set_exception(ValueError("failed"))
+    await asyncio.wait_for(task, TIMEOUT)
+    assert done[-1] == "failed"
+
+    async def cancelled():
+        try:
+            await asyncio.get_running_loop().create_future()
+        finally:
+            done.append("cleaned up")
+
+    for turns_first in (0, 1):  # cancelled before the task's first step, and while it waits
+        task = run_eagerly(cancelled())
+        for _ in range(turns_first):
+            await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert done.pop() == "cleaned up"
 
 
 async def test_delivery_yields_inside_a_large_room_and_still_reaches_everyone(live, monkeypatch):
