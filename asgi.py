@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import hmac
 import json
 import logging
@@ -37,6 +38,7 @@ from gateway import (
 logger = logging.getLogger("gateway.publish")
 
 MAX_BATCH = 1000
+FULL_COLLECTION_AFTER = 30  # middle-generation garbage collections between two full ones (Python's default: 10)
 TARGETS = ("user_id", "room", "broadcast")
 MESSAGE_FIELDS = frozenset({*TARGETS, "event", "data"})
 
@@ -188,11 +190,24 @@ def watch_for_shutdown(gateway: SocketGateway) -> None:
     signal.signal(signal.SIGTERM, on_sigterm)
 
 
+def space_out_full_collections() -> None:
+    """Let Python's garbage collector run a full collection after 30 middle-generation ones instead of 10.
+
+    A full collection walks every live object, and a node's live objects grow with its connections: connecting
+    2,000 clients ran 5 of them, about 120 ms each, a fifth of the CPU of those connects. The young collections,
+    which free most short-lived garbage, keep their pace; cycles that reached the old generation wait longer
+    (a churn of 10,000 connections left the node at 78 MiB instead of 69).
+    """
+    young, middle, _ = gc.get_threshold()
+    gc.set_threshold(young, middle, FULL_COLLECTION_AFTER)
+
+
 def create_app(gateway: SocketGateway, routes: Sequence[BaseRoute] = ()) -> ASGIApp:
     """Combine `gateway`'s Socket.IO server with the HTTP routes (and any of yours) under one lifespan."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        space_out_full_collections()
         gateway.start()
         watch_for_shutdown(gateway)
         yield

@@ -13,9 +13,10 @@ needs redis-server. BENCH_PYTHON=/path/to/other/venv/bin/python runs the Python 
 Each server runs as its own process on core 0
 (bench/apps.py, bench/node_server.mjs); the load generator is the official socket.io-client in one Node process
 on core 1 (bench/loadgen.mjs), offering permessage-deflate as browsers do unless a setup says otherwise.
-Figures: connections/s (100 in flight), delivered msgs/s for fan-out (broadcasts of ~100 bytes) and targeted
-(emit_to_user spread over all users), emit-to-receipt latency at light load (one emit every 5 ms), server RSS per
-idle connection, server CPU µs per delivered message, and each side's CPU. Nothing may be lost: the load
+Figures: connections/s (2,000 to a fresh server, 100 in flight); then, with 1,000 clients, delivered msgs/s for
+fan-out (broadcasts of ~100 bytes) and targeted (emit_to_user spread over all users), emit-to-receipt latency at
+light load (one emit every 5 ms), server RSS per idle connection, server CPU µs per delivered message, and each
+side's CPU. Nothing may be lost: the load
 generator counts every message and a phase that does not complete fails the run.
 """
 
@@ -107,6 +108,7 @@ class Setup:
 
 
 NO_DEFLATE = {"UVICORN_WS_PER_MESSAGE_DEFLATE": "false"}  # what ./run start sets
+SERVER_ENV = {"GATEWAY_JWT_SECRET": SECRET, "GATEWAY_LOG_LEVEL": "warning"}
 RUN_START = Setup("gateway", env=NO_DEFLATE)
 NODE = "Node Socket.IO"
 REDIS_PORT = free_port()  # a redis-server for the setups that name it, started by main()
@@ -165,44 +167,65 @@ TABLES: dict[str, tuple[dict[str, Setup], list[tuple[str, str]]]] = {
 }
 
 
+async def start_load_generator(url: str, setup: Setup, users: int) -> tuple[LoadGenerator, dict]:
+    """The Node load generator, once it has opened one connection per user; with what it said about that."""
+    auths = [{"user": f"user{n}"} if setup.app == "bare" else {"token": mint_token(f"user{n}", SECRET)}
+             for n in range(users)]
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as auth_file:
+        json.dump(auths, auth_file)
+        auth_file.flush()
+        process = await asyncio.create_subprocess_exec(
+            "taskset", "-c", "1", "node", str(ROOT / "bench" / "loadgen.mjs"), url, auth_file.name,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            env=os.environ | {"DEFLATE": "1" if setup.deflate else "0"},
+        )
+        loadgen = LoadGenerator(process)
+        connected = await loadgen.line()
+    assert connected["connected"] == users and connected["failed"] == 0, connected
+    return loadgen, connected
+
+
+async def stop(loadgen: LoadGenerator, node: subprocess.Popen[str]) -> None:
+    loadgen.process.stdin.write(b'{"close": true}\n')
+    await asyncio.wait_for(loadgen.process.wait(), 60)
+    node.terminate()
+    node.wait(30)
+
+
+async def connect_round(setup: Setup, connections: int, profile: Path | None = None) -> dict[str, float]:
+    """A fresh server and `connections` authenticated connections, 100 in flight: their rate and server CPU."""
+    port = free_port()
+    node = start_server(setup.command(port), port, SERVER_ENV | setup.env, setup.cores)
+    cpu_idle = cpu_seconds(node.pid)
+    spy = profile and start_py_spy(node.pid, profile / "connect.txt")
+    loadgen, connected = await start_load_generator(f"http://127.0.0.1:{port}", setup, connections)
+    if spy:
+        stop_py_spy(spy)
+    cpu = cpu_seconds(node.pid) - cpu_idle
+    await stop(loadgen, node)
+    return {"connections_per_s": connections / connected["seconds"], "us_per_connection": 1e6 * cpu / connections}
+
+
 async def one_round(
-    setup: Setup, clients: int, broadcasts: int, targeted: int, singles: int, profile: Path | None = None
+    setup: Setup, connections: int, clients: int, broadcasts: int, targeted: int, singles: int,
+    profile: Path | None = None,
 ) -> dict[str, float]:
     """One setup through every phase; with `profile`, py-spy records the PHASES into that folder."""
+    result = await connect_round(setup, connections, profile)
     port = free_port()
-    env = {"GATEWAY_JWT_SECRET": SECRET, "GATEWAY_LOG_LEVEL": "warning", **setup.env}
-    node = start_server(setup.command(port), port, env, setup.cores)
+    node = start_server(setup.command(port), port, SERVER_ENV | setup.env, setup.cores)
     url = f"http://127.0.0.1:{port}"
-    users = [f"user{n}" for n in range(clients)]
-    auths = [{"user": u} if setup.app == "bare" else {"token": mint_token(u, SECRET)} for u in users]
-    auth_file = tempfile.NamedTemporaryFile("w", suffix=".json", delete=False)
-    json.dump(auths, auth_file)
-    auth_file.close()
-    rss_idle, cpu_idle = rss_bytes(node.pid), cpu_seconds(node.pid)
-    spy = profile and start_py_spy(node.pid, profile / "connect.txt")
-    process = await asyncio.create_subprocess_exec(
-        "taskset", "-c", "1", "node", str(ROOT / "bench" / "loadgen.mjs"), url, auth_file.name,
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-        env=os.environ | {"DEFLATE": "1" if setup.deflate else "0"},
-    )
-    loadgen = LoadGenerator(process)
+    rss_idle = rss_bytes(node.pid)
+    loadgen, _ = await start_load_generator(url, setup, clients)
     try:
-        connected = await loadgen.line()
-        if spy:
-            stop_py_spy(spy)
-        os.unlink(auth_file.name)
-        assert connected["connected"] == clients and connected["failed"] == 0, connected
         per_connection = (rss_bytes(node.pid) - rss_idle) / clients
-        cpu_per_connection = (cpu_seconds(node.pid) - cpu_idle) / clients
         fan = await loadgen.measure(url, {"kind": "fanout", "count": broadcasts, "users": clients},
                                     clients * broadcasts, node.pid, profile and profile / "fan-out.txt")
         tgt = await loadgen.measure(url, {"kind": "targeted", "count": targeted, "users": clients},
                                     targeted, node.pid, profile and profile / "targeted.txt")
         lat = await loadgen.measure(url, {"kind": "latency", "count": singles, "users": clients},
                                     singles, node.pid)
-        return {
-            "connections_per_s": clients / connected["seconds"],
-            "us_per_connection": 1e6 * cpu_per_connection,
+        return result | {
             "fanout_msgs_per_s": fan["received"] / fan["seconds"],
             "fanout_server_cpu": fan["server_cpu"] / fan["seconds"],
             "fanout_loadgen_cpu": fan["loadgen_cpu"] / fan["seconds"],
@@ -215,14 +238,11 @@ async def one_round(
             "kib_per_connection": per_connection / 1024,
         }
     finally:
-        process.stdin.write(b'{"close": true}\n')
-        await asyncio.wait_for(process.wait(), 60)
-        node.terminate()
-        node.wait(30)
+        await stop(loadgen, node)
 
 
 ROWS = [
-    ("connections/s (100 in flight)", "connections_per_s", "{:,.0f}"),
+    ("connections/s (fresh server, 100 in flight)", "connections_per_s", "{:,.0f}"),
     ("server CPU µs per connection", "us_per_connection", "{:,.0f}"),
     ("fan-out delivered msgs/s", "fanout_msgs_per_s", "{:,.0f}"),
     ("fan-out: server / load generator CPU (cores)", ("fanout_server_cpu", "fanout_loadgen_cpu"), "{:.2f} / {:.2f}"),
@@ -286,8 +306,8 @@ async def main() -> None:
     args = parser.parse_args()
     os.sched_setaffinity(0, {1})  # the servers have core 0
     setups, ratios = TABLES[args.table]
-    sizes = (1, 20, 5, 100, 20) if args.smoke else (3, 1000, 200, 20000, 500)
-    rounds, clients, broadcasts, targeted, singles = sizes
+    sizes = (1, 40, 20, 5, 100, 20) if args.smoke else (3, 2000, 1000, 200, 20000, 500)
+    rounds, connections, clients, broadcasts, targeted, singles = sizes
     redis = start_redis(REDIS_PORT) if any("GATEWAY_REDIS_URL" in setup.env for setup in setups.values()) else None
     try:
         if args.profile:
@@ -296,12 +316,13 @@ async def main() -> None:
         results: dict[str, list[dict[str, float]]] = {name: [] for name in setups}
         for _ in range(rounds):
             for name, setup in setups.items():
-                results[name].append(await one_round(setup, clients, broadcasts, targeted, singles))
+                results[name].append(await one_round(setup, connections, clients, broadcasts, targeted, singles))
     finally:
         if redis:
             redis.terminate()
     medians = {s: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for s, runs in results.items()}
-    print(f"{clients} clients, {broadcasts} broadcasts, {targeted} emit_to_user, {singles} single emits 5 ms apart; "
+    print(f"{connections} connections to a fresh server; then {clients} clients, {broadcasts} broadcasts, "
+          f"{targeted} emit_to_user, {singles} single emits 5 ms apart; "
           f"medians of {rounds} interleaved rounds; {time.strftime('%Y-%m-%d')}")
     columns = [*setups, *(f"{a} / {b}" for a, b in ratios)]
     print(f"| figure | {' | '.join(columns)} |")

@@ -13,7 +13,7 @@ import pytest
 from conftest import SECRET, token
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from jose import jwt
 from starlette.config import Config
@@ -239,6 +239,42 @@ def test_signed_claims_give_the_claimed_user_or_nothing(claims):
     assert result is None or result == {"user_id": claims["sub"]}
     if result is not None:  # then every rule held
         assert isinstance(claims["exp"], (int, float)) and claims["exp"] >= now() - HS.leeway - 1
+
+
+def jose_decode(token: str, settings) -> dict[str, Any] | None:
+    """python-jose's own jwt.decode, with the options the gateway used before it checked the claims itself."""
+    options = {"require_exp": True, "require_aud": settings.audience is not None, "leeway": settings.leeway}
+    options |= {"require_iss": settings.issuer is not None, "verify_aud": settings.audience is not None}
+    try:
+        return jwt.decode(token, SECRET, ["HS256"], options, settings.audience, settings.issuer)
+    except Exception:
+        return None
+
+
+VALID = {"sub": "alice", "exp": now() + 600}
+REGISTERED_CLAIMS = ["sub", "exp", "nbf", "iat", "aud", "iss", "jti"]
+near_now = st.integers(min_value=-100, max_value=100).map(lambda seconds: now() + seconds)
+claim_values = st.sampled_from(["gw", "https://login", ["gw"], ["gw", 1], ["other"], 1.5]) | near_now | json_values
+
+
+@settings(max_examples=1000)
+@given(
+    claims=st.dictionaries(st.sampled_from([*REGISTERED_CLAIMS, "at_hash", "uid", "x"]), claim_values, max_size=3),
+    base=st.sampled_from([{}, VALID, {"uid": "bob", "exp": now() + 600}]),
+    env=st.sampled_from([{}, {"JWT_AUDIENCE": "gw"}, {"JWT_ISSUER": "https://login"}, {"JWT_USER_CLAIM": "uid"}]),
+)
+@example(claims={"aud": ["gw", 1]}, base=VALID, env={"JWT_AUDIENCE": "gw"})
+@example(claims={"iss": "https://evil"}, base=VALID, env={"JWT_ISSUER": "https://login"})
+@example(claims={"nbf": now() + 60}, base=VALID, env={})
+@example(claims={"at_hash": "x"}, base=VALID, env={})
+@example(claims={"jti": 1}, base=VALID, env={})
+def test_no_claims_pass_that_python_joses_jwt_decode_refuses(claims, base, env):
+    settings = jwt_settings(**env)
+    token = signed(base | claims)
+    jose = jose_decode(token, settings)
+    ours = authenticate({"token": token}, settings)
+    if ours is not None:
+        assert jose is not None and ours == {"user_id": jose[settings.user_claim]}
 
 
 def test_the_user_id_character_rule_is_exactly_unicodes_control_surrogate_and_separator_categories():
