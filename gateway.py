@@ -208,8 +208,8 @@ class GatewayManager(socketio.AsyncManager):
       in turn, written straight to its WebSocket when nothing else is waiting to go out on it
       (`GatewayWebSocket.write_now`), else queued on its Engine.IO socket for python-engineio's writer task.
       One connection gets at most one direct write per turn of the event loop: the writer task sends the rest
-      back to back, which the kernel handles for less than writes interleaved with other connections' (a
-      targeted burst cost 78 µs per message instead of 58 without this rule). Every YIELD_EVERY recipients the
+      back to back, which the kernel handles for less than writes interleaved with other connections' (without
+      this rule, a burst of targeted emits cost 78 µs per message instead of 58). Every YIELD_EVERY recipients the
       loop gets a turn, so a huge room does not stall other work. Emits with an ack callback keep python-socketio's
       own path. This reads python-engineio's `sockets` map, `AsyncSocket`'s queue and upgrade flags and
       `AsyncSocket.send`, hence the pinned version range; `tests/test_delivery.py` fails if they change.
