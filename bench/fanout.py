@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -34,6 +35,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -185,24 +187,33 @@ async def start_load_generator(url: str, setup: Setup, users: int) -> tuple[Load
     return loadgen, connected
 
 
-async def stop(loadgen: LoadGenerator, node: subprocess.Popen[str]) -> None:
+@contextlib.contextmanager
+def serving(setup: Setup) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """A fresh server for `setup` on its cores; yields (process, base URL) and stops it afterwards."""
+    port = free_port()
+    node = start_server(setup.command(port), port, SERVER_ENV | setup.env, setup.cores)
+    try:
+        yield node, f"http://127.0.0.1:{port}"
+    finally:
+        node.terminate()
+        node.wait(30)
+
+
+async def close(loadgen: LoadGenerator) -> None:
     loadgen.process.stdin.write(b'{"close": true}\n')
     await asyncio.wait_for(loadgen.process.wait(), 60)
-    node.terminate()
-    node.wait(30)
 
 
 async def connect_round(setup: Setup, connections: int, profile: Path | None = None) -> dict[str, float]:
     """A fresh server and `connections` authenticated connections, 100 in flight: their rate and server CPU."""
-    port = free_port()
-    node = start_server(setup.command(port), port, SERVER_ENV | setup.env, setup.cores)
-    cpu_idle = cpu_seconds(node.pid)
-    spy = profile and start_py_spy(node.pid, profile / "connect.txt")
-    loadgen, connected = await start_load_generator(f"http://127.0.0.1:{port}", setup, connections)
-    if spy:
-        stop_py_spy(spy)
-    cpu = cpu_seconds(node.pid) - cpu_idle
-    await stop(loadgen, node)
+    with serving(setup) as (node, url):
+        cpu_idle = cpu_seconds(node.pid)
+        spy = profile and start_py_spy(node.pid, profile / "connect.txt")
+        loadgen, connected = await start_load_generator(url, setup, connections)
+        if spy:
+            stop_py_spy(spy)
+        cpu = cpu_seconds(node.pid) - cpu_idle
+        await close(loadgen)
     return {"connections_per_s": connections / connected["seconds"], "us_per_connection": 1e6 * cpu / connections}
 
 
@@ -212,33 +223,31 @@ async def one_round(
 ) -> dict[str, float]:
     """One setup through every phase; with `profile`, py-spy records the PHASES into that folder."""
     result = await connect_round(setup, connections, profile)
-    port = free_port()
-    node = start_server(setup.command(port), port, SERVER_ENV | setup.env, setup.cores)
-    url = f"http://127.0.0.1:{port}"
-    rss_idle = rss_bytes(node.pid)
-    loadgen, _ = await start_load_generator(url, setup, clients)
-    try:
-        per_connection = (rss_bytes(node.pid) - rss_idle) / clients
-        fan = await loadgen.measure(url, {"kind": "fanout", "count": broadcasts, "users": clients},
-                                    clients * broadcasts, node.pid, profile and profile / "fan-out.txt")
-        tgt = await loadgen.measure(url, {"kind": "targeted", "count": targeted, "users": clients},
-                                    targeted, node.pid, profile and profile / "targeted.txt")
-        lat = await loadgen.measure(url, {"kind": "latency", "count": singles, "users": clients},
-                                    singles, node.pid)
-        return result | {
-            "fanout_msgs_per_s": fan["received"] / fan["seconds"],
-            "fanout_server_cpu": fan["server_cpu"] / fan["seconds"],
-            "fanout_loadgen_cpu": fan["loadgen_cpu"] / fan["seconds"],
-            "fanout_us_per_msg": 1e6 * fan["server_cpu"] / fan["received"],
-            "targeted_msgs_per_s": tgt["received"] / tgt["seconds"],
-            "targeted_us_per_msg": 1e6 * tgt["server_cpu"] / tgt["received"],
-            "targeted_server_cpu": tgt["server_cpu"] / tgt["seconds"],
-            "p50_ms": lat["p50_ms"],
-            "p99_ms": lat["p99_ms"],
-            "kib_per_connection": per_connection / 1024,
-        }
-    finally:
-        await stop(loadgen, node)
+    with serving(setup) as (node, url):
+        rss_idle = rss_bytes(node.pid)
+        loadgen, _ = await start_load_generator(url, setup, clients)
+        try:
+            per_connection = (rss_bytes(node.pid) - rss_idle) / clients
+            fan = await loadgen.measure(url, {"kind": "fanout", "count": broadcasts, "users": clients},
+                                        clients * broadcasts, node.pid, profile and profile / "fan-out.txt")
+            tgt = await loadgen.measure(url, {"kind": "targeted", "count": targeted, "users": clients},
+                                        targeted, node.pid, profile and profile / "targeted.txt")
+            lat = await loadgen.measure(url, {"kind": "latency", "count": singles, "users": clients},
+                                        singles, node.pid)
+        finally:
+            await close(loadgen)
+    return result | {
+        "fanout_msgs_per_s": fan["received"] / fan["seconds"],
+        "fanout_server_cpu": fan["server_cpu"] / fan["seconds"],
+        "fanout_loadgen_cpu": fan["loadgen_cpu"] / fan["seconds"],
+        "fanout_us_per_msg": 1e6 * fan["server_cpu"] / fan["received"],
+        "targeted_msgs_per_s": tgt["received"] / tgt["seconds"],
+        "targeted_us_per_msg": 1e6 * tgt["server_cpu"] / tgt["received"],
+        "targeted_server_cpu": tgt["server_cpu"] / tgt["seconds"],
+        "p50_ms": lat["p50_ms"],
+        "p99_ms": lat["p99_ms"],
+        "kib_per_connection": per_connection / 1024,
+    }
 
 
 ROWS = [
