@@ -191,7 +191,7 @@ def watch_for_shutdown(gateway: SocketGateway) -> None:
 
 
 def space_out_full_collections() -> None:
-    """Let Python's garbage collector run a full collection after 30 middle-generation ones instead of 10.
+    """Let Python's garbage collector run a full collection after FULL_COLLECTION_AFTER middle-generation ones, not 10.
 
     A full collection walks every live object, and a node's live objects grow with its connections: connecting
     2,000 clients ran 5 of them, about 120 ms each, a fifth of the CPU of those connects. The young collections,

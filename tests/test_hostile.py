@@ -47,11 +47,8 @@ async def test_a_client_that_stops_reading_is_ended_and_the_others_keep_receivin
             await writer.drain()
             await eventually(lambda: gateway.connection_count("slow") == 1)
             writer.transport.pause_reading()  # from here on the client reads nothing: the kernel buffers fill
-            stalled_socket = gateway.sio.eio.sockets[
-                gateway.manager.eio_sid_from_sid(
-                    next(sid for sid, _ in gateway.manager.get_participants(NAMESPACE, "user:slow")), NAMESPACE
-                )
-            ]
+            _, eio_sid = next(gateway.manager.get_participants(NAMESPACE, "user:slow"))
+            stalled_socket = gateway.sio.eio.sockets[eio_sid]
             largest_queue = 0
             for n in range(2000):
                 await gateway.emit_to_user("slow", "big", "x" * 10_000)
