@@ -1,14 +1,19 @@
-"""Operating the gateway: Prometheus metrics, logs (text and JSON), and the nginx recipe in deploy/."""
+"""Operating the gateway: Prometheus metrics, logs (text and JSON), and the nginx and systemd recipe in deploy/."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
 import urllib.request
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -33,7 +38,7 @@ from conftest import (
 from prometheus_client.parser import text_string_to_metric_families
 
 from asgi import create_app
-from gateway import END_EVENT
+from gateway import END_EVENT, Emitter, redis_publisher
 
 pytestmark = pytest.mark.anyio
 
@@ -206,82 +211,217 @@ def test_bad_log_settings_are_refused_at_start_up():
             load_settings({"GATEWAY_JWT_SECRET": SECRET, f"GATEWAY_{name}": bad})
 
 
-# ---- the deployment recipe: Debian's nginx in front of two gateway processes ---------------------------
+# ---- the deployment recipe: deploy/nginx.conf in front of deploy/socket-gateway@.service instances ------------
+
+UNIT = ROOT / "deploy" / "socket-gateway@.service"
+SITE = ROOT / "deploy" / "nginx.conf"
+INSTALLED_UVICORN = "/opt/socket-gateway/.venv/bin/uvicorn"
+# nginx's ip_hash keys an IPv4 client on its first three octets: every 127.0.0.x is one client to it. Loopback
+# answers on all of 127/8, so each client here connects from an address of its own /24.
+POLLING_ADDRESSES = [f"127.0.{n}.1" for n in range(1, 21)]
+WEBSOCKET_ADDRESSES = [f"127.0.{n}.1" for n in range(21, 25)]
+UPGRADING_ADDRESSES = [f"127.0.{n}.1" for n in range(25, 29)]
+REFUSED_ADDRESSES = [f"127.0.{n}.1" for n in range(29, 33)]
+ACCESS_LOG_FORMAT = "$remote_addr|$status|$request_method|$uri|$arg_sid|$upstream_addr"
 
 
-def nginx_config(template: str, listen: int, upstreams: list[int], workdir: str) -> str:
-    """deploy/nginx.conf with this machine's ports and a private working directory, ready for `nginx -c`."""
-    servers = "\n".join(f"    server 127.0.0.1:{port};" for port in upstreams)
-    site = template.replace("    server 127.0.0.1:8001;\n    server 127.0.0.1:8002;", servers)
-    site = site.replace("listen 80;", f"listen 127.0.0.1:{listen};")
+def unit_command(unit: str, instance: str) -> list[str]:
+    """The unit's ExecStart with `instance` as its %i, run by this test's Python instead of the installed venv."""
+    [line] = [line for line in unit.replace("\\\n", " ").splitlines() if line.startswith("ExecStart=")]
+    program, *args = shlex.split(line.removeprefix("ExecStart="))
+    assert program == INSTALLED_UVICORN, program
+    return [sys.executable, "-m", "uvicorn", *(arg.replace("%i", instance) for arg in args)]
+
+
+def upstream_ports(site: str) -> list[int]:
+    return [int(port) for port in re.findall(r"^\s*server 127\.0\.0\.1:(\d+);", site, re.MULTILINE)]
+
+
+def site_on_ports(site: str, listen: int, ports: dict[int, int]) -> str:
+    """`site` listening on 127.0.0.1:`listen`, each shipped upstream port moved to its free port in `ports`."""
+    site, listens = re.subn(r"^(\s*)listen 80;", rf"\1listen 127.0.0.1:{listen};", site, flags=re.MULTILINE)
+    assert listens == 1, "deploy/nginx.conf should have one `listen 80;`"
+    for shipped, port in ports.items():
+        site, moved = re.subn(rf"server 127\.0\.0\.1:{shipped};", f"server 127.0.0.1:{port};", site)
+        assert moved == 1, shipped
+    return site
+
+
+def nginx_config(site: Path, workdir: Path) -> str:
+    """A private nginx (pid, logs, temporary files in `workdir`) whose http block includes `site`."""
     return f"""
 pid {workdir}/nginx.pid;
 error_log {workdir}/error.log;
 events {{ worker_connections 256; }}
 http {{
-    access_log off;
+    log_format gateway '{ACCESS_LOG_FORMAT}';
+    access_log {workdir}/access.log gateway;
     client_body_temp_path {workdir}/body;
     proxy_temp_path {workdir}/proxy;
     fastcgi_temp_path {workdir}/fastcgi;
     uwsgi_temp_path {workdir}/uwsgi;
     scgi_temp_path {workdir}/scgi;
-{site}
+    include {site};
 }}
 """
 
 
-def test_nginx_recipe_proxies_websocket_and_polling_and_forwards_the_client_address(tmp_path):
+@contextlib.contextmanager
+def running(
+    commands: dict[int, list[str]], logs: Path, env: dict[str, str] | None = None, stop_timeout: float = TIMEOUT
+) -> Iterator[None]:
+    """Run each command until it accepts on its port (stderr into logs/<port>.log); SIGTERM all of them at once on
+    the way out, and wait `stop_timeout` for them, as systemd stops a unit's instances."""
+    processes: list[subprocess.Popen[bytes]] = []
+    try:
+        for port, command in commands.items():
+            with (logs / f"{port}.log").open("wb") as stderr:
+                processes.append(subprocess.Popen(command, cwd=ROOT, env=env, stderr=stderr))
+        for port, process in zip(commands, processes):
+            wait_for_port(port, process)
+        yield
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            try:
+                process.wait(stop_timeout)
+            finally:
+                process.kill()  # nothing to do for one that exited
+
+
+def gateway_env(**settings: str) -> dict[str, str]:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    return environ | {"GATEWAY_JWT_SECRET": SECRET} | {f"GATEWAY_{k}": v for k, v in settings.items()}
+
+
+def test_shipped_nginx_and_systemd_recipe_keeps_every_client_on_one_process(tmp_path):
+    """deploy/nginx.conf in front of one deploy/socket-gateway@.service instance per upstream it lists."""
     nginx = require_program("nginx")
+    unit, shipped_site = UNIT.read_text(), SITE.read_text()
+    ports = {shipped: free_port() for shipped in upstream_ports(shipped_site)}
+    assert len(ports) >= 2, "the recipe should spread clients over several processes"
+    listen = free_port()
+    site = tmp_path / "site.conf"
+    site.write_text(site_on_ports(shipped_site, listen, ports))
+    gateway_logs, nginx_logs = tmp_path / "gateways", tmp_path / "nginx"
+    gateway_logs.mkdir()
+    nginx_logs.mkdir()
+    (tmp_path / "nginx.conf").write_text(nginx_config(site, nginx_logs))
+    stop_timeout = float(re.findall(r"^TimeoutStopSec=(\d+)$", unit, re.MULTILINE)[0])
     with redis_server() as redis_srv:
-        env = {"GATEWAY_REDIS_URL": redis_srv.url, "GATEWAY_PUBLISH_KEY": KEY}
-        proxy_args = ("--proxy-headers", "--forwarded-allow-ips", "127.0.0.1")
-        with gateway_process(*proxy_args, env=env) as (url_a, node_a):
-            with gateway_process(*proxy_args, env=env) as (url_b, node_b):
-                ports = [int(url.rsplit(":", 1)[1]) for url in (url_a, url_b)]
-                listen = free_port()
-                config = tmp_path / "nginx.conf"
-                template = (ROOT / "deploy" / "nginx.conf").read_text()
-                config.write_text(nginx_config(template, listen, ports, str(tmp_path)))
-                server = subprocess.Popen([nginx, "-c", str(config), "-g", "daemon off;"])
-                try:
-                    front = f"http://127.0.0.1:{listen}"
-                    wait_for_port(listen)
-                    assert get(f"{front}/health")[0] == 200
-                    assert get(f"{front}/metrics")[0] == 404
-                    asyncio.run(through_nginx(front))
-                finally:
-                    server.terminate()
-                    server.wait(TIMEOUT)
-                logs = []
-                for node in (node_a, node_b):
-                    node.send_signal(signal.SIGTERM)
-                    node.wait(TIMEOUT)
-                    logs += node.stderr.read().splitlines()
-    refusals = [line for line in logs if "refused connection" in line]
-    # The client connected from 127.0.0.2; nginx itself talks to the gateway from 127.0.0.1.
-    assert len(refusals) == 4 and all("refused connection from 127.0.0.2:" in line for line in refusals)
+        env = gateway_env(REDIS_URL=redis_srv.url, PUBLISH_KEY=KEY, METRICS="1")
+        instances = {port: unit_command(unit, str(port)) for port in ports.values()}
+        # The gateway ends a logged-out connection but not yet its Engine.IO session (issue #15, section 5), so
+        # each polling client's last long-poll stays open until uvicorn's graceful shutdown cancels it: stopping
+        # the instances takes --timeout-graceful-shutdown (10 s).
+        with running(instances, gateway_logs, env, stop_timeout):
+            with running({listen: [nginx, "-c", str(tmp_path / "nginx.conf"), "-g", "daemon off;"]}, nginx_logs):
+                front = f"http://127.0.0.1:{listen}"
+                assert get(f"{front}/health")[0] == 200
+                assert get(f"{front}/metrics")[0] == 404
+                instance_urls = [f"http://127.0.0.1:{port}" for port in ports.values()]
+                asyncio.run(through_nginx(front, instance_urls, redis_publisher(redis_srv.url)))
+    logs = "".join(log.read_text() for log in gateway_logs.iterdir())
+    assert "Invalid session" not in logs
+    # nginx reaches the gateways from 127.0.0.1; the refusals are logged with each client's own address.
+    refusals = [line for line in logs.splitlines() if "refused connection" in line]
+    assert sorted(line.split("refused connection from ")[1].split(":")[0] for line in refusals) == REFUSED_ADDRESSES
+    requests = [line.split("|") for line in (nginx_logs / "access.log").read_text().splitlines()]
+    socketio_requests = [request for request in requests if request[3] == "/socket.io/"]
+    assert [request for request in socketio_requests if request[1] == "400"] == []
+    upstreams_of: dict[str, set[str]] = {}  # client address or Engine.IO session -> the upstreams that served it
+    for client, _, _, _, sid, upstream in socketio_requests:
+        upstreams_of.setdefault(client, set()).add(upstream)
+        if sid != "-":
+            upstreams_of.setdefault(sid, set()).add(upstream)
+    assert all(len(upstreams) == 1 for upstreams in upstreams_of.values()), upstreams_of  # one process each
+    used = {upstream for address in POLLING_ADDRESSES for upstream in upstreams_of[address]}
+    assert used == {f"127.0.0.1:{port}" for port in ports.values()}  # and polling clients on every process
 
 
-async def through_nginx(front: str) -> None:
-    for transports in (["websocket"], ["polling", "websocket"]):
-        async with connected(front, "alice", "bob", transports=transports) as [alice, _]:
-            async with aiohttp.ClientSession() as http:
-                headers = {"Authorization": f"Bearer {KEY}"}
-                message = {"user_id": "alice", "event": "via-nginx", "data": transports}
-                async with http.post(f"{front}/publish", json=message, headers=headers) as response:
-                    assert response.status == 200
-            assert await alice.next_event() == ("via-nginx", transports)
-    # Refused connections from another loopback address, once per node behind nginx.
-    for _ in range(4):
-        connector = aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))
-        async with aiohttp.ClientSession(connector=connector) as session:
+def session_from(address: str) -> aiohttp.ClientSession:
+    """An HTTP session whose connections leave from the local `address`."""
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=(address, 0)))
+
+
+@contextlib.asynccontextmanager
+async def connected_from(address: str, url: str, user_id: str, transports: list[str]) -> AsyncIterator[Client]:
+    """A client connected to `url` from the local `address` as `user_id`."""
+    async with session_from(address) as session:
+        client = Client(http_session=session)
+        try:
+            await client.connect(url, auth={"token": token(user_id)}, transports=transports)
+            yield client
+        finally:
+            await client.close()
+
+
+async def through_nginx(front: str, instances: list[str], publisher: Emitter) -> None:
+    kinds = {
+        "polling": (POLLING_ADDRESSES, ["polling"]),
+        "websocket": (WEBSOCKET_ADDRESSES, ["websocket"]),
+        "upgrading": (UPGRADING_ADDRESSES, ["polling", "websocket"]),
+    }
+    async with contextlib.AsyncExitStack() as stack:
+        clients: dict[str, Client] = {}
+        for kind, (addresses, transports) in kinds.items():
+            for n, address in enumerate(addresses):
+                user = f"{kind}{n}"
+                clients[user] = await stack.enter_async_context(connected_from(address, front, user, transports))
+        for n in range(len(UPGRADING_ADDRESSES)):
+            await eventually(lambda client=clients[f"upgrading{n}"]: client.sio.transport() == "websocket")
+        # Each instance reports only its own connections, scraped on its own port; every one has some.
+        counts = [value(await scrape(url), "gateway_connections") for url in instances]
+        assert sum(counts) == len(clients) and all(counts), counts
+        headers = {"Authorization": f"Bearer {KEY}"}
+        async with aiohttp.ClientSession(headers=headers, timeout=aiohttp.ClientTimeout(TIMEOUT)) as http:
+            for round_ in range(3):  # each round is a new long-poll answer for every polling client
+                batch = [{"user_id": user, "event": "via-nginx", "data": round_} for user in clients]
+                async with http.post(f"{front}/publish", json=batch) as response:
+                    assert response.status == 200, await response.text()
+                for user, client in clients.items():
+                    assert await client.next_event() == ("via-nginx", round_), user
+        # Ended by the server: a polling client closing itself waits until its pending long-poll ends at the
+        # next ping (25 s).
+        for user, client in clients.items():
+            await publisher.disconnect_user(user)
+            assert await client.next_event() == (END_EVENT, {"reason": "logout"}), user
+            await client.wait_disconnected()
+    for address in REFUSED_ADDRESSES:
+        async with session_from(address) as session:
             client = socketio.AsyncClient(reconnection=False, http_session=session)
             with pytest.raises(socketio.exceptions.ConnectionError):
                 await client.connect(front, auth={"token": "x.y.z"}, transports=["websocket"], wait_timeout=TIMEOUT)
 
 
-def test_systemd_unit_names_the_start_command():
-    unit = (ROOT / "deploy" / "socket-gateway.service").read_text()
-    assert "ExecStart=" in unit and "uvicorn asgi:app" in unit and "--workers" in unit
-    assert "--proxy-headers" in unit and "PROMETHEUS_MULTIPROC_DIR" in unit
-    assert "--ws-per-message-deflate false" in unit and "--ws-max-size 16384" in unit  # as ./run start sets them
+def test_systemd_unit_runs_one_process_per_port_with_the_documented_flags():
+    unit = UNIT.read_text()
+    command = unit_command(unit, "8001")
+    assert "--workers" not in command and command[command.index("--port") + 1] == "8001"
+    for flags in (
+        "--proxy-headers --forwarded-allow-ips 127.0.0.1",  # the client's address reaches the logs, not nginx's
+        "--timeout-graceful-shutdown 10 --no-access-log",
+        "--ws-per-message-deflate false --ws-max-size 16384",  # as ./run start sets them
+    ):
+        assert flags in " ".join(command), flags
+    assert "UnsetEnvironment=PROMETHEUS_MULTIPROC_DIR" in unit  # each instance reports its own metrics
+    assert "GATEWAY_REDIS_URL is required" in unit
+    assert {"DynamicUser=yes", "NoNewPrivileges=yes", "ProtectSystem=strict"} <= set(unit.splitlines())
+
+
+def test_nginx_timeouts_fit_the_gateways_ping():
+    from gateway import load_settings
+
+    settings = load_settings({"GATEWAY_JWT_SECRET": SECRET})
+    site = SITE.read_text()
+
+    def seconds(directive: str) -> int:
+        [found] = re.findall(rf"^\s*{directive} (\d+)s;", site, re.MULTILINE)
+        return int(found)
+
+    silent_client_ended = settings.ping_interval + settings.ping_timeout
+    assert seconds("proxy_read_timeout") > silent_client_ended  # a quiet, healthy connection is never cut
+    # nginx frees a client that reads nothing, or a process that takes nothing, before the ping would
+    for directive in ("send_timeout", "proxy_send_timeout"):
+        assert seconds(directive) < silent_client_ended, directive
