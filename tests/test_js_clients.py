@@ -6,9 +6,9 @@ import asyncio
 import contextlib
 import json
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -220,8 +220,8 @@ async def browser_page(page_url: str) -> AsyncIterator[NodeClient]:
         await page.close()
 
 
-def example_page_url(site: str, gateway_url: str, token_text: str) -> str:
-    query = urlencode({"gateway": gateway_url, "token": token_text, "client": "/socket.io.min.js"})
+def example_page_url(site: str, gateway_url: str, token_text: str, client: str = "/socket.io.min.js") -> str:
+    query = urlencode({"gateway": gateway_url, "token": token_text, "client": client})
     return f"{site}/live.html?{query}"
 
 
@@ -250,3 +250,49 @@ async def test_browser_on_an_origin_not_allowed_is_refused():
                 status = (await page.until("status"))["status"]
                 assert status.startswith("error"), status
                 assert not gateway.sio.manager.rooms.get("/")
+
+
+@contextlib.contextmanager
+def foreign_origin() -> Iterator[tuple[str, list[str]]]:
+    """An HTTP server on another origin that records every connection made to it and answers any request with a
+    script that would show on the page that it ran; yields its host:port and the record."""
+    connections: list[str] = []
+
+    class Recording(ThreadingHTTPServer):
+        def verify_request(self, request: Any, client_address: Any) -> bool:
+            connections.append(f"{client_address[0]}:{client_address[1]}")
+            return True
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = b'document.getElementById("status").textContent = "foreign script ran";'
+            self.send_response(200)
+            self.send_header("Content-Type", "text/javascript")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = Recording(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{server.server_address[1]}", connections
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize(
+    "form", ["http://{host}/socket.io.min.js", "//{host}/socket.io.min.js"], ids=["absolute", "protocol-relative"]
+)
+async def test_example_page_refuses_a_client_script_from_another_origin(form):
+    with static_site(SITE_FILES) as site, foreign_origin() as (host, connections):
+        client = form.format(host=host)
+        # The gateway URL does not matter: the page must stop before it loads any client.
+        async with browser_page(example_page_url(site, site, token("alice"), client)) as page:
+            status = (await page.until("status"))["status"]
+        assert status.startswith(f"error: refused to load client {client}: only "), status
+        assert connections == []
