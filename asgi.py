@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import hmac
@@ -14,19 +15,18 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import socketio
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    generate_latest,
-    multiprocess,
-)
+from engineio import packet as eio_packet
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import BaseRoute, Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway import (
+    CLOSE_TIMEOUT,
+    NAMESPACE,
+    RedisUnavailable,
     SocketGateway,
     check_event,
     check_room,
@@ -38,9 +38,11 @@ from gateway import (
 logger = logging.getLogger("gateway.publish")
 
 MAX_BATCH = 1000
+MAX_NESTING = 100  # levels of arrays and objects in published data; json.dumps recurses per level
 FULL_COLLECTION_AFTER = 30  # middle-generation garbage collections between two full ones (Python's default: 10)
 TARGETS = ("user_id", "room", "broadcast")
 MESSAGE_FIELDS = frozenset({*TARGETS, "event", "data"})
+SOCKETIO_PATH = "/socket.io/"
 
 
 async def health(request: Request) -> JSONResponse:
@@ -48,30 +50,29 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ok"})
 
 
-def metrics_route(gateway: SocketGateway) -> Route:
-    """GET /metrics in Prometheus' text format (only with GATEWAY_METRICS=1; keep it off the public network)."""
-
-    async def metrics(request: Request) -> Response:
-        await gateway.redis_problem()  # refreshes gateway_redis_up
-        if "PROMETHEUS_MULTIPROC_DIR" in os.environ:  # --workers N: every worker's values, summed
-            registry = CollectorRegistry()
-            multiprocess.MultiProcessCollector(registry)
-        else:
-            registry = gateway.metrics.registry
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
-
-    return Route("/metrics", metrics)
-
-
 def ready_route(gateway: SocketGateway) -> Route:
-    """Readiness: 200 when this node can serve, 503 with the reason while Redis (when configured) is unreachable."""
+    """Readiness: 200, or 503 with a reason (no address: that goes to the log) while this node cannot serve."""
 
     async def ready(request: Request) -> JSONResponse:
-        if problem := await gateway.redis_problem():
+        if problem := await gateway.ready_problem():
             return JSONResponse({"status": "unavailable", "reason": problem}, status_code=503)
         return JSONResponse({"status": "ready"})
 
     return Route("/ready", ready)
+
+
+def metrics_route(gateway: SocketGateway) -> Route:
+    """GET /metrics in Prometheus' text format (only with GATEWAY_METRICS=1; keep it off the public network)."""
+
+    async def metrics(request: Request) -> Response:
+        await gateway.ready_problem()  # refreshes gateway_redis_up
+        registry = gateway.metrics.registry
+        if "PROMETHEUS_MULTIPROC_DIR" in os.environ:  # --workers N: every worker's values, summed
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    return Route("/metrics", metrics)
 
 
 class PublishRefused(Exception):
@@ -83,26 +84,24 @@ class PublishRefused(Exception):
 def publish_route(gateway: SocketGateway) -> Route:
     """POST /publish: a server-to-server way to reach users, rooms or everyone, with a bearer key."""
     key = str(gateway.settings.publish_key).encode()
-    max_bytes = gateway.settings.publish_max_bytes
 
     async def publish(request: Request) -> JSONResponse:
         try:
-            if not hmac.compare_digest(bearer_token(request).encode(), key):
+            if not hmac.compare_digest(bearer_token(request).encode(errors="replace"), key):
                 raise PublishRefused(401, "missing or wrong publish key")
-            messages = parse_messages(await read_json(request, max_bytes))
+            messages = parse_messages(await read_json(request, gateway.settings.publish_max_bytes))
         except PublishRefused as refused:
             logger.info("publish refused for %s: %d %s", client_address(request.scope), refused.status, refused.error)
             body = {"error": refused.error} | ({"field": refused.field} if refused.field else {})
-            headers = {"WWW-Authenticate": "Bearer"} if refused.status == 401 else None
-            return JSONResponse(body, status_code=refused.status, headers=headers)
-        for target, name, event, data in messages:
+            return JSONResponse(body, refused.status, {"WWW-Authenticate": "Bearer"} if refused.status == 401 else None)
+        send = {"user_id": gateway.emit_to_user, "room": gateway.emit_to_room}
+        for published, (target, name, event, data) in enumerate(messages):
+            try:
+                await (send[target](name, event, data) if target in send else gateway.broadcast(event, data))
+            except RedisUnavailable as error:  # messages before this one reached every node; this one this node only
+                body = {"error": str(error), "published": published}
+                return JSONResponse(body, 503, {"Retry-After": str(int(CLOSE_TIMEOUT))})
             gateway.metrics.published.labels(target.removesuffix("_id")).inc()
-            if target == "user_id":
-                await gateway.emit_to_user(name, event, data)
-            elif target == "room":
-                await gateway.emit_to_room(name, event, data)
-            else:
-                await gateway.broadcast(event, data)
         return JSONResponse({"published": len(messages)})
 
     return Route("/publish", publish, methods=["POST"])
@@ -153,37 +152,51 @@ def parse_message(message: Any, at: str) -> tuple[str, Any, str, Any]:
     targets = [field for field in TARGETS if field in message]
     if len(targets) != 1:
         raise PublishRefused(422, "name exactly one target: user_id, room or broadcast", at + "user_id|room|broadcast")
-    target = targets[0]
-    name = message[target]
+    target, name = targets[0], message[targets[0]]
     if target == "broadcast" and name is not True:
         raise PublishRefused(422, "broadcast must be true", at + target)
-    if target == "user_id":
-        checked(check_user_id, name, at + target)
-    if target == "room":
-        checked(check_room, name, at + target)
+    if target != "broadcast":
+        checked(check_user_id if target == "user_id" else check_room, name, at + target)
+    if nesting(message.get("data")) > MAX_NESTING:  # checked here, so that a batch is sent whole or not at all
+        raise PublishRefused(422, f"data nests deeper than {MAX_NESTING} levels", at + "data")
     return target, name, checked(check_event, message.get("event"), at + "event"), message.get("data")
 
 
+def nesting(data: Any) -> int:
+    """How many levels of arrays and objects `data` has, counted without recursion."""
+    depth, level = 0, [data]
+    while containers := [item for item in level if isinstance(item, list | dict)]:
+        depth += 1
+        level = [child for item in containers for child in (item.values() if isinstance(item, dict) else item)]
+    return depth
+
+
 def checked(check: Callable[[Any], str], value: Any, field: str) -> str:
-    """Run one of the gateway's own argument checks, turning its ValueError into a 422 naming `field`."""
+    """Run one of the gateway's own checks, turning its error into a 422 naming `field`."""
     try:
         return check(value)
-    except ValueError as error:
-        raise PublishRefused(422, str(error), field) from None
+    except (ValueError, RecursionError) as error:
+        raise PublishRefused(422, str(error) or type(error).__name__, field) from None
 
 
 def watch_for_shutdown(gateway: SocketGateway) -> None:
-    """Mark the gateway as shutting down on SIGTERM, then let the server's own handler do the rest.
+    """On SIGTERM, mark the gateway as shutting down and close every session, then let the server's handler run.
 
-    uvicorn closes the sockets before the application's lifespan hears of the shutdown; this is how the
-    disconnects it causes are told apart from clients that went away (in the logs and in the metrics).
+    uvicorn closes the sockets before the lifespan hears of the shutdown: this tells the disconnects it causes
+    apart from clients that went away, and answers pending long-polls at once instead of at their timeout.
     """
     if threading.current_thread() is not threading.main_thread():
         return  # signal handlers belong to the main thread; a server run in another thread keeps its own
-    server_handler = signal.getsignal(signal.SIGTERM)
+    server_handler, loop = signal.getsignal(signal.SIGTERM), asyncio.get_running_loop()
+
+    def answer_long_polls() -> None:  # a NOOP answers a pending poll; the client's next one finds the server gone
+        for sid, eio_sid in gateway.manager.get_participants(NAMESPACE, None):
+            if gateway.sio.transport(sid, NAMESPACE) == "polling":
+                gateway.sio.spawn(gateway.sio.eio.send_packet(eio_sid, eio_packet.Packet(eio_packet.NOOP)))
 
     def on_sigterm(signum: int, frame: Any) -> None:
         gateway.shutting_down = True
+        loop.call_soon_threadsafe(answer_long_polls)
         if callable(server_handler):
             server_handler(signum, frame)
 
@@ -194,9 +207,7 @@ def space_out_full_collections() -> None:
     """Let Python's garbage collector run a full collection after FULL_COLLECTION_AFTER middle-generation ones, not 10.
 
     A full collection walks every live object, and a node's live objects grow with its connections: connecting
-    2,000 clients ran 5 of them, about 120 ms each, a fifth of the CPU of those connects. The young collections,
-    which free most short-lived garbage, keep their pace; cycles that reached the old generation wait longer
-    (a churn of 10,000 connections left the node at 78 MiB instead of 69).
+    2,000 clients ran 5 of them, about 120 ms each, a fifth of the CPU of those connects.
     """
     young, middle, _ = gc.get_threshold()
     gc.set_threshold(young, middle, FULL_COLLECTION_AFTER)
@@ -212,6 +223,8 @@ def create_app(gateway: SocketGateway, routes: Sequence[BaseRoute] = ()) -> ASGI
         watch_for_shutdown(gateway)
         yield
         await gateway.sio.shutdown()
+        for task in list(gateway.sio.tasks):
+            task.cancel()
         if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
             multiprocess.mark_process_dead(os.getpid())  # drops this worker's live gauges from the sums
 
@@ -221,23 +234,41 @@ def create_app(gateway: SocketGateway, routes: Sequence[BaseRoute] = ()) -> ASGI
     if gateway.settings.publish_key is not None:
         own_routes.append(publish_route(gateway))
     http = Starlette(routes=[*own_routes, *routes], lifespan=lifespan)
-    socketio_app = socketio.ASGIApp(gateway.sio, other_asgi_app=http, socketio_path="socket.io")
-    return refuse_large_polling_posts(socketio_app, gateway.settings.max_message_bytes)
+    socketio_app = socketio.ASGIApp(gateway.sio, other_asgi_app=http, socketio_path=SOCKETIO_PATH)
+    return guard_polling_posts(socketio_app, gateway.settings.max_message_bytes, gateway.settings.ping_timeout)
 
 
-def refuse_large_polling_posts(app: ASGIApp, max_bytes: int) -> ASGIApp:
-    """Answer 413 to a long-polling POST announcing more than `max_bytes` (or no length) before reading its body.
+def is_socketio_path(path: str) -> bool:
+    """The paths python-engineio's ASGIApp serves: /socket.io, and everything under /socket.io/."""
+    return (path if path.endswith("/") else path + "/").startswith(SOCKETIO_PATH)
 
-    python-engineio checks Content-Length only after the first body chunk has arrived; clients always send it.
+
+def guard_polling_posts(app: ASGIApp, max_bytes: int, seconds: float) -> ASGIApp:
+    """Answer 413 to a long-polling POST announcing more than `max_bytes` (or no length) before reading its body,
+    and 400 to one that python-engineio has not answered within `seconds`.
+
+    python-engineio checks the length only after the first body chunk, and on some client errors it waits for
+    the client's next poll before answering the POST.
     """
 
     async def guarded(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"].startswith("/socket.io/"):
-            length = dict(scope["headers"]).get(b"content-length", b"")
-            if not length.isdigit() or int(length) > max_bytes:
-                await PlainTextResponse(f"a message is at most {max_bytes} bytes", status_code=413)(scope, receive, send)
-                return
-        await app(scope, receive, send)
+        if scope["type"] != "http" or scope["method"] != "POST" or not is_socketio_path(scope["path"]):
+            return await app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if not length.isdigit() or int(length) > max_bytes:
+            return await PlainTextResponse(f"a message is at most {max_bytes} bytes", 413)(scope, receive, send)
+        started = False
+
+        async def noting_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await asyncio.wait_for(app(scope, receive, noting_send), seconds)
+        except TimeoutError:
+            if not started:
+                await PlainTextResponse("not answered in time", 400)(scope, receive, send)
 
     return guarded
 

@@ -97,11 +97,11 @@ def server_state(gateway: SocketGateway) -> dict[str, int]:
     """What the server keeps per connection, and the process resources a leak would grow."""
     return {
         "engine.io sockets": len(gateway.sio.eio.sockets),
-        "websockets": len(gateway.sio.eio.websockets),
         "environs": len(gateway.sio.environ),
         "rooms": len(gateway.manager.rooms.get(NAMESPACE, {})),
-        "pending connects": len(gateway.manager.pending_connect),
-        "gateway tasks": len(gateway._tasks),
+        "pending connects": len(getattr(gateway.manager, "pending_connect", {})),  # python-socketio 5.18 and later
+        "gateway tasks": len(gateway.sio.tasks),
+        "stall marks": len(gateway.manager.full_since),
         "expiry timers": len(gateway._deadlines),
         "asyncio tasks": len(asyncio.all_tasks()),
         "file descriptors": len(os.listdir("/proc/self/fd")),

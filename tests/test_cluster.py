@@ -31,7 +31,7 @@ from conftest import (
 )
 
 from asgi import create_app
-from gateway import DEFAULT_REDIS_CHANNEL, END_EVENT, redis_publisher
+from gateway import DEFAULT_REDIS_CHANNEL, END_EVENT, RedisUnavailable, redis_publisher
 
 pytestmark = pytest.mark.anyio
 
@@ -164,8 +164,8 @@ async def test_garbage_on_the_channel_is_logged_and_ignored(cluster, caplog):
         await publisher.broadcast("after-garbage", 1)
         assert await alice.next_event() == ("after-garbage", 1)
         assert await carol.next_event() == ("after-garbage", 1)
-    # The seventh names a method, so it reaches python-socketio, which logs its own error and carries on.
-    assert caplog.text.count("ignored a message on Redis channel") == 6
+    # The last two look like python-socketio's own messages, so they reach it: it ignores one, logs the other.
+    assert caplog.text.count("ignored a message on Redis channel") == 5
 
 
 async def test_redis_down_at_start_up_then_up(caplog):
@@ -173,11 +173,13 @@ async def test_redis_down_at_start_up_then_up(caplog):
     redis_url = f"redis://127.0.0.1:{port}/0"
     async with node_in_process(redis_url) as (gateway, url):
         code, body = await asyncio.to_thread(status, f"{url}/ready")
-        assert code == 503 and body["reason"].startswith("redis unreachable")
+        assert (code, body) == (503, {"status": "unavailable", "reason": "redis unreachable"})  # no address
+        assert f"127.0.0.1:{port}" in caplog.text  # the address goes to the log
         assert (await asyncio.to_thread(status, f"{url}/health"))[0] == 200
         async with connected(url, "alice") as [alice]:
-            await gateway.emit_to_user("alice", "local", 1)  # local delivery works without Redis
-            assert await alice.next_event() == ("local", 1)
+            with pytest.raises(RedisUnavailable):  # the caller learns the other nodes did not get it
+                await gateway.emit_to_user("alice", "local", 1)
+            assert await alice.next_event() == ("local", 1)  # this node's connections did
             with redis_server(port) as redis_srv:
                 started = time.monotonic()
                 await wait_for_subscribers(redis_srv.url, 1)  # the node's listener retries by itself
@@ -194,8 +196,11 @@ async def test_redis_killed_mid_run_and_restarted():
                 await wait_for_subscribers(redis_srv.url, 2)
                 async with connected(url_a, "alice") as [alice], connected(url_c, "carol") as [carol]:
                     redis_srv.kill()
-                    await gateway_c.emit_to_user("carol", "local", 1)  # local delivery never stops
+                    with pytest.raises(RedisUnavailable):
+                        await gateway_c.emit_to_user("carol", "local", 1)  # local delivery never stops
                     assert await carol.next_event() == ("local", 1)
+                    with pytest.raises(RedisUnavailable):  # a logout that missed the other nodes says so
+                        await gateway_c.disconnect_user("alice")
                     assert (await asyncio.to_thread(status, f"{url_c}/ready"))[0] == 503
                     redis_srv.start()
                     started = time.monotonic()
@@ -212,7 +217,8 @@ async def probe_until_delivered(gateway, client: Client) -> list[int]:
     """Emit numbered probes across nodes, one per 0.2 s without an arrival, until one arrives; return its number."""
     deadline = time.monotonic() + 90  # python-socketio's listener backs off up to 60 s between retries
     for n in itertools.count():
-        await gateway.emit_to_user("alice", "probe", n)
+        with contextlib.suppress(RedisUnavailable):  # until this node's publisher reconnects
+            await gateway.emit_to_user("alice", "probe", n)
         try:
             return [(await asyncio.wait_for(client.events.get(), 0.2))[1]]
         except asyncio.TimeoutError:
@@ -257,3 +263,39 @@ def status_raw(url: str) -> tuple[int, bytes]:
     except urllib.error.HTTPError as error:
         return error.code, error.read()
 
+
+
+async def test_readiness_follows_the_subscription_not_a_pool_connection():
+    """Publishing still works, but this node's subscription cannot come back: it must not report ready."""
+    with redis_server() as redis_srv:
+        async with node_in_process(redis_srv.url) as (gateway, url):
+            await wait_for_subscribers(redis_srv.url, 1)
+            assert (await asyncio.to_thread(status, f"{url}/ready"))[0] == 200  # its publisher is connected now
+            admin = redis.asyncio.Redis.from_url(redis_srv.url)
+            await admin.config_set("maxclients", len(await admin.client_list()) - 1)  # no new connection
+            await admin.client_kill_filter(_type="pubsub")
+            code, body = await asyncio.to_thread(status, f"{url}/ready")
+            assert (code, body["reason"]) == (503, "redis subscription not receiving")
+            await admin.config_set("maxclients", 10000)
+            await wait_for_subscribers(redis_srv.url, 1)
+            assert (await asyncio.to_thread(status, f"{url}/ready"))[0] == 200
+            await admin.aclose()
+
+
+async def test_publish_api_answers_503_with_retry_after_when_redis_does_not_take_a_message():
+    key = "publish-key-" + "k" * 40
+    with redis_server() as redis_srv:
+        gateway = make_gateway(REDIS_URL=redis_srv.url, PUBLISH_KEY=key)
+        async with serve(create_app(gateway)) as url, connected(url, "alice") as [alice]:
+            await wait_for_subscribers(redis_srv.url, 1)
+            batch = [{"user_id": "alice", "event": "n", "data": n} for n in range(3)]
+            headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+            request = urllib.request.Request(f"{url}/publish", json.dumps(batch).encode(), headers)
+            assert await asyncio.to_thread(lambda: urllib.request.urlopen(request, timeout=10).status) == 200
+            redis_srv.kill()
+            try:
+                await asyncio.to_thread(urllib.request.urlopen, request, timeout=10)
+                raise AssertionError("a publish Redis did not take was answered 200")
+            except urllib.error.HTTPError as error:
+                assert error.code == 503 and error.headers["Retry-After"].isdigit()
+                assert json.loads(error.read())["published"] == 0  # none of the batch reached every node

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 
 import anyio.from_thread
 import pytest
@@ -15,9 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from asgi import create_app
-from gateway import NAMESPACE, GatewayWebSocket, SendQueue, encode_event, run_eagerly, user_room
-
-from soak import client_frame, raw_websocket, server_text  # raw WebSocket clients, shared with the soak
+from gateway import NAMESPACE, check_room, encode_event, user_room
+from test_js_clients import node_client
 
 pytestmark = pytest.mark.anyio
 
@@ -179,8 +177,35 @@ def test_a_users_room_is_always_user_colon_id(user_id):
     assert user_room(user_id).removeprefix("user:") == user_id
 
 
+@given(user_id=st.text(min_size=1, max_size=256), other=st.text(min_size=1, max_size=256), room=st.text())
+def test_no_room_the_backend_can_name_is_a_personal_room_and_no_two_users_share_one(user_id, other, room):
+    try:
+        accepted = check_room(room)
+    except ValueError:
+        accepted = None
+    assert accepted != user_room(user_id)
+    assert (user_room(user_id) == user_room(other)) == (user_id == other)
+
+
+async def test_a_backend_room_named_like_a_personal_room_is_refused_and_reaches_no_user(live):
+    gateway, url = live
+    async with connected(url, "42", "42:orders") as [user42, other]:
+        for operation in (lambda: gateway.join_room(user42.sid, "user:42:orders"),
+                          lambda: gateway.leave_room(user42.sid, "user:42"),
+                          lambda: gateway.emit_to_room("user:42", "leak", 1)):
+            with pytest.raises(ValueError, match="users' own rooms"):
+                await operation()
+        assert gateway.connection_count("42:orders") == 1 and gateway.connection_count("42") == 1
+        await gateway.emit_to_user("42:orders", "for", "42:orders")
+        assert await gateway.disconnect_user("42:orders") == 1
+        assert await other.next_event() == ("for", "42:orders")
+        await gateway.emit_to_user("42", "still", "here")
+        assert await user42.next_event() == ("still", "here")
+
+
 json_and_bytes = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats() | st.text() | st.binary(max_size=8),
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text()
+    | st.binary(max_size=8),
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
     max_leaves=12,
 )
@@ -195,7 +220,7 @@ def test_the_gateways_packet_encoding_is_python_socketios(namespace, event, argu
 
 USERS = ["u1", "u2", "u3"]
 TABS = ["u1", "u1", "u2", "u3", "u3"]  # connection i belongs to TABS[i]
-ROOMS = ["r1", "r2", "user:u2"]
+ROOMS = ["r1", "r2"]
 
 targets = st.one_of(
     st.tuples(st.just("user"), st.sampled_from(USERS)),
@@ -211,7 +236,7 @@ def expected_recipients(target: tuple[str, str | None], rooms_of: list[set[str]]
         return set(range(len(TABS)))
     if kind == "user":
         return {i for i, user in enumerate(TABS) if user == name}
-    return {i for i, rooms in enumerate(rooms_of) if name in rooms or name == user_room(TABS[i])}
+    return {i for i, rooms in enumerate(rooms_of) if name in rooms}
 
 
 @pytest.fixture
@@ -274,90 +299,57 @@ def test_room_operations_pass_their_arguments_through_unchanged(portal_with_clie
     @settings(max_examples=40, deadline=None)
     @given(room=st.text(min_size=1, max_size=512).filter(lambda r: r not in {c.sid for c in clients}))
     def check(room):
-        if room == user_room("u1"):
-            return
-        portal.call(run, room)
+        if not room.startswith("user:"):
+            portal.call(run, room)
 
     check()
 
 
-# ---- the gateway's own delivery path (GatewayManager) and the python-socketio internals it relies on -----------
+# ---- delivery through python-engineio's public send_packet, bursts and order ----------------------------------
 
 
-def engineio_socket(gateway, client: Client):
-    return gateway.sio.eio.sockets[gateway.manager.eio_sid_from_sid(client.sid, NAMESPACE)]
-
-
-async def test_emits_are_written_straight_to_idle_websockets_not_through_a_task_per_recipient(live, monkeypatch):
-    import engineio.async_socket
-
+@pytest.mark.parametrize("transport", ["websocket", "polling"])
+async def test_10000_back_to_back_emits_to_one_user_all_arrive_in_order(live, transport):
+    """A backend loop that never yields fills the client's queue far past GATEWAY_MAX_QUEUED_MESSAGES: a client
+    that reads takes it all, in order, and is not ended (the official client, over either transport)."""
     gateway, url = live
-    sent_the_library_way = []
-    monkeypatch.setattr(gateway.sio, "_send_eio_packet", lambda *args: sent_the_library_way.append(args))
-    async with connected(url, *[f"user{n}" for n in range(20)]) as clients:
-        queued = []
-        for client in clients:  # what _deliver reads: the AsyncSocket, its queue, and the WebSocket it runs on
-            socket = engineio_socket(gateway, client)
-            assert isinstance(socket, engineio.async_socket.AsyncSocket) and not socket.closed
-            assert isinstance(socket.queue, SendQueue) and socket.queue.readers == 1  # the writer task waits
-            websocket = gateway.sio.eio.websockets[socket.sid]
-            assert isinstance(websocket, GatewayWebSocket) and websocket.socket is socket
-            assert socket.upgraded and not socket.upgrading and websocket.can_write_now()
-            monkeypatch.setattr(socket, "send", lambda pkt, send=socket.send: queued.append(pkt) or send(pkt))
-        await gateway.broadcast("fan", {"out": True})
-        assert queued == []  # every recipient written to directly
-        await gateway.emit_to_user("user0", "second", 2)  # the same turn of the loop: queued, sent in a burst
-        assert len(queued) == 1
-        for client in clients:
-            assert await client.next_event() == ("fan", {"out": True})
-        assert await clients[0].next_event() == ("second", 2)
-    assert sent_the_library_way == []
-    await eventually(lambda: gateway.sio.eio.websockets == {})  # each leaves with its connection
+    async with node_client(url, "burst", transport) as client:
+        await client.until("connected")
+        for n in range(10_000):
+            await gateway.emit_to_user("burst", "n", n)
+        await gateway.emit_to_user("burst", "done")
+        received = []
+        while (fact := await client.until("event"))["event"] != "done":
+            received.append(fact["args"][0])
+        assert received == list(range(10_000))
+        assert gateway.connection_count("burst") == 1
 
 
-async def test_a_direct_write_that_waits_for_a_slow_client_keeps_its_place_before_queued_packets(live):
+async def test_a_burst_to_one_python_client_arrives_whole_while_others_are_served(live):
     gateway, url = live
-    reader, writer = await raw_websocket(url)  # a small receive buffer would make reading it all back slow
-    writer.write(client_frame("40" + json.dumps({"token": token("slow")})))
-    await writer.drain()
-    await eventually(lambda: gateway.connection_count("slow") == 1)
-    _, eio_sid = next(gateway.manager.get_participants(NAMESPACE, "user:slow"))
-    websocket = gateway.sio.eio.websockets[eio_sid]
-    writer.transport.pause_reading()  # the kernel buffers, then uvicorn's, fill until a write has to wait
-    sent = 0
-    while websocket.waiting is None:
-        assert sent < 5000, "no direct write ever had to wait"
-        await gateway.emit_to_user("slow", "n", {"n": sent, "pad": "x" * 10_000})
-        sent += 1
-        await asyncio.sleep(0)  # a new turn of the loop: the next emit may write directly again
-    for _ in range(50):  # these queue behind the waiting write; the writer task must not pass it
-        await gateway.emit_to_user("slow", "n", {"n": sent, "pad": ""})
-        sent += 1
-        await asyncio.sleep(0)
-    writer.transport.resume_reading()
-    received = []
-    while len(received) < sent:
-        text = await asyncio.wait_for(server_text(reader), TIMEOUT)
-        if text.startswith("42"):
-            received.append(json.loads(text[2:])[1]["n"])
-    assert received == list(range(sent))
-    assert websocket.waiting is None
-    writer.close()
+    async with connected(url, "burst", "other") as [burst, other]:
+        for n in range(5000):
+            await gateway.emit_to_user("burst", "n", n)
+            if n % 1000 == 0:
+                await gateway.emit_to_user("other", "n", n)
+        await gateway.broadcast("marker")
+        assert [data for _, data in await burst.events_until("marker")] == list(range(5000))
+        assert [data for _, data in await other.events_until("marker")] == list(range(0, 5000, 1000))
 
 
-def test_direct_and_queued_packets_reach_a_connection_in_the_order_they_were_sent(portal_with_clients):
-    """Whatever mix of direct writes, python-engineio's queue and turns of the loop, order is kept."""
+def test_emits_and_python_engineios_own_packets_reach_a_connection_in_the_order_they_were_sent(portal_with_clients):
+    """Whatever mix of emits, packets handed to python-engineio directly and turns of the loop, order is kept."""
     portal, gateway, clients = portal_with_clients
     client = clients[0]
 
     async def run(steps: list[str]) -> None:
-        socket = engineio_socket(gateway, client)
+        eio_sid = gateway.manager.eio_sid_from_sid(client.sid, NAMESPACE)
         for n, step in enumerate(steps):
             if step == "emit":
                 await gateway.manager.emit("e", n, NAMESPACE, room=client.sid)
-            elif step == "queue":  # as python-socketio's own packets (acks, pings) travel
+            elif step == "engine.io":  # as python-socketio's own packets (acks, connect replies) travel
                 encoded = encode_event(gateway.sio.packet_class, NAMESPACE, ["e", n])
-                await socket.send(eio_packet.Packet(eio_packet.MESSAGE, encoded))
+                await gateway.sio.eio.send_packet(eio_sid, eio_packet.Packet(eio_packet.MESSAGE, encoded))
             else:
                 await asyncio.sleep(0)
         await gateway.broadcast("marker")
@@ -367,62 +359,11 @@ def test_direct_and_queued_packets_reach_a_connection_in_the_order_they_were_sen
             await other.events_until("marker")
 
     @settings(max_examples=60, deadline=None)
-    @given(steps=st.lists(st.sampled_from(["emit", "queue", "turn"]), max_size=30))
+    @given(steps=st.lists(st.sampled_from(["emit", "engine.io", "turn"]), max_size=30))
     def check(steps):
         portal.call(run, steps)
 
     check()
-
-
-async def test_run_eagerly_runs_a_coroutine_up_to_its_first_wait_and_a_task_finishes_it():
-    done = []
-
-    async def at_once():
-        done.append("at once")
-
-    assert run_eagerly(at_once()) is None and done == ["at once"]
-
-    future = asyncio.get_running_loop().create_future()
-
-    async def waits():
-        done.append("before")
-        done.append(await future)
-        await asyncio.sleep(0)  # a bare yield
-        done.append("after")
-
-    task = run_eagerly(waits())
-    assert isinstance(task, asyncio.Task) and done[-1] == "before"
-    future.set_result("result")
-    await asyncio.wait_for(task, TIMEOUT)
-    assert done[-2:] == ["result", "after"]
-
-    failing = asyncio.get_running_loop().create_future()
-
-    async def sees_the_error():
-        try:
-            await failing
-        except ValueError as error:
-            done.append(str(error))
-
-    task = run_eagerly(sees_the_error())
-    failing.set_exception(ValueError("failed"))
-    await asyncio.wait_for(task, TIMEOUT)
-    assert done[-1] == "failed"
-
-    async def cancelled():
-        try:
-            await asyncio.get_running_loop().create_future()
-        finally:
-            done.append("cleaned up")
-
-    for turns_first in (0, 1):  # cancelled before the task's first step, and while it waits
-        task = run_eagerly(cancelled())
-        for _ in range(turns_first):
-            await asyncio.sleep(0)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        assert done.pop() == "cleaned up"
 
 
 async def test_delivery_yields_inside_a_large_room_and_still_reaches_everyone(live, monkeypatch):
@@ -450,11 +391,27 @@ async def test_skip_sid_tuple_arguments_and_ack_callbacks_keep_python_socketio_s
         assert await bob.events_until("marker") == [("skipped", 1), ("ask", "q")]
 
 
-async def test_a_connection_closing_during_an_emit_is_skipped(live):
+@pytest.mark.parametrize("data", [float("nan"), float("inf"), [1, {"x": -float("inf")}]])
+async def test_nan_and_infinity_are_refused_for_every_emit_before_anything_is_sent(live, data):
     gateway, url = live
-    async with connected(url, "alice", "bob") as [alice, bob]:
-        eio_sid = gateway.manager.eio_sid_from_sid(alice.sid, NAMESPACE)
-        gateway.sio.eio.sockets[eio_sid].closed = True  # as python-engineio marks it mid-close
-        await gateway.broadcast("after", 1)
-        assert await bob.next_event() == ("after", 1)
-        gateway.sio.eio.sockets[eio_sid].closed = False
+    async with connected(url, "alice") as [alice]:
+        await gateway.join_room(alice.sid, "r")
+        for emit in (
+            lambda: gateway.emit_to_user("alice", "bad", data),
+            lambda: gateway.emit_to_room("r", "bad", data),
+            lambda: gateway.broadcast("bad", data),
+            lambda: gateway.emit_to_user("alice", "bad", (b"bytes", data)),  # python-socketio's binary encoding
+        ):
+            with pytest.raises(TypeError, match="not JSON"):
+                await emit()
+        await gateway.broadcast("marker")
+        assert await alice.events_until("marker") == []
+
+
+async def test_data_nested_too_deeply_to_encode_is_refused_as_not_json(live):
+    gateway, _ = live
+    deep: list = []
+    for _ in range(100_000):
+        deep = [deep]
+    with pytest.raises(TypeError, match="not JSON"):
+        await gateway.broadcast("deep", deep)

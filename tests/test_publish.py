@@ -83,6 +83,21 @@ async def test_a_bad_message_in_a_batch_sends_nothing(live):
         assert await alice.events_until("marker") == []
 
 
+@pytest.mark.parametrize("depth", [101, 500, 900, 990, 1900])
+async def test_data_nested_too_deeply_is_422_and_the_batch_sends_nothing(live, depth):
+    """Before: data that loaded but could not be encoded again answered 500 after earlier messages went out."""
+    url, http = live
+    async with connected(url, "alice") as [alice]:
+        deep = "[" * depth + "]" * depth
+        raw = f'[{{"user_id": "alice", "event": "n", "data": 1}}, {{"user_id": "alice", "event": "n", "data": {deep}}}]'
+        status, body = await post(http, url, raw=raw.encode())
+        assert (status, body.get("field")) in ((422, "[1].data"), (400, None))  # 400: too deep for json.loads itself
+        async with http.post(f"{url}/publish", json={"user_id": "alice", "event": "n", "data": [[[1]]] * 2},
+                             headers=AUTH) as response:
+            assert response.status == 200  # a hundred levels or fewer go through
+        assert await alice.next_event() == ("n", [[[1]]] * 2)
+
+
 @pytest.mark.parametrize(
     "headers",
     [

@@ -48,6 +48,7 @@ def settings_error(**env: str) -> str:
         ({"JWT_SECRET": SECRET, "MAX_QUEUED_MESSAGES": "5"}, "GATEWAY_MAX_QUEUED_MESSAGES must be between"),
         ({"JWT_SECRET": SECRET, "PING_TIMEOUT": "0"}, "GATEWAY_PING_TIMEOUT must be between"),
         ({"JWT_SECRET": SECRET, "PUBLISH_KEY": "k" * 31}, "GATEWAY_PUBLISH_KEY must be at least 32"),
+        ({"JWT_SECRET": SECRET, "PUBLISH_KEY": "clé-" * 10}, "GATEWAY_PUBLISH_KEY must be at least 32 ASCII"),
         ({"JWT_SECRET": SECRET, "PUBLISH_MAX_BYTES": "10"}, "GATEWAY_PUBLISH_MAX_BYTES must be between"),
         ({"JWT_SECRET": SECRET, "REDIS_URL": "http://localhost:6379"}, "GATEWAY_REDIS_URL must start with redis://"),
         ({"JWT_SECRET": SECRET, "REDIS_URL": "localhost:6379"}, "GATEWAY_REDIS_URL must start with redis://"),
@@ -129,3 +130,17 @@ def test_mint_token_command_without_a_secret_says_why():
     )
     assert result.returncode != 0
     assert result.stderr.strip().startswith("gateway: set exactly one of GATEWAY_JWT_SECRET")
+
+
+def test_a_process_that_configured_logging_keeps_its_configuration():
+    """The README says the gateway leaves a host application's logging alone: its levels and handlers too."""
+    script = (
+        "import logging, sys; logging.basicConfig(level=logging.DEBUG, stream=sys.stdout)\n"
+        "logging.getLogger('engineio').setLevel(logging.INFO); logging.getLogger('socketio').setLevel(logging.DEBUG)\n"
+        "import gateway\n"
+        "print(logging.getLogger('engineio').level, logging.getLogger('socketio').level, logging.getLogger().level,"
+        " len(logging.getLogger().handlers))"
+    )
+    env = {"GATEWAY_JWT_SECRET": SECRET, "PATH": os.environ["PATH"]}
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    assert result.stdout.split()[-4:] == ["20", "10", "10", "1"]

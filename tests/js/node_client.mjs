@@ -1,5 +1,5 @@
 // The official socket.io-client in Node, driven by tests/test_js_clients.py through stdin and stdout.
-// Usage: node node_client.mjs URL TOKEN [websocket|default]
+// Usage: node node_client.mjs URL TOKEN [websocket|polling|default]
 // It prints one JSON line per thing that happens; each stdin line is a command:
 //   {"token": "..."}   connect again with this token (after a connect_error)
 //   {"refresh": "..."} emit refresh with this token and print the acknowledgement
@@ -12,7 +12,7 @@ const say = (fact) => process.stdout.write(JSON.stringify(fact) + "\n");
 
 const socket = io(url, {
   auth: { token },
-  transports: transport === "websocket" ? ["websocket"] : ["polling", "websocket"],
+  transports: { websocket: ["websocket"], polling: ["polling"] }[transport] ?? ["polling", "websocket"],
   reconnectionDelay: 100,
   reconnectionDelayMax: 500,
 });
