@@ -26,6 +26,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from auth import key_problem, start_key_refresh, stop_key_refresh
 from gateway import (
     SocketGateway,
     check_event,
@@ -67,7 +68,7 @@ def ready_route(gateway: SocketGateway) -> Route:
     """Readiness: 200 when this node can serve, 503 with the reason while Redis (when configured) is unreachable."""
 
     async def ready(request: Request) -> JSONResponse:
-        if problem := await gateway.redis_problem():
+        if problem := key_problem(gateway.settings.jwt) or await gateway.redis_problem():
             return JSONResponse({"status": "unavailable", "reason": problem}, status_code=503)
         return JSONResponse({"status": "ready"})
 
@@ -209,8 +210,10 @@ def create_app(gateway: SocketGateway, routes: Sequence[BaseRoute] = ()) -> ASGI
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         space_out_full_collections()
         gateway.start()
+        await start_key_refresh(gateway.settings.jwt)
         watch_for_shutdown(gateway)
         yield
+        stop_key_refresh(gateway.settings.jwt)
         await gateway.sio.shutdown()
         if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
             multiprocess.mark_process_dead(os.getpid())  # drops this worker's live gauges from the sums

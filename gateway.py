@@ -616,7 +616,7 @@ class SocketGateway(Emitter):
     async def on_connect(self, sid: str, environ: dict[str, Any], auth: Any) -> None:
         address = client_address(environ["asgi.scope"])
         try:
-            identity = verify_auth(auth, self.settings.jwt)
+            identity = await verify_auth(auth, self.settings.jwt)
         except TokenRefused as refused:
             raise self._refuse(sid, address, refused.reason, refused.detail) from None
         room = user_room(identity.user_id)
@@ -665,7 +665,7 @@ class SocketGateway(Emitter):
     async def on_refresh(self, sid: str, *args: Any) -> dict[str, Any]:
         """The client's `refresh` event: a new token of the same user moves its connection's deadline."""
         try:
-            identity = verify_auth(args[0] if len(args) == 1 else args or None, self.settings.jwt)
+            identity = await verify_auth(args[0] if len(args) == 1 else args or None, self.settings.jwt)
         except TokenRefused as refused:
             return {"ok": False, "reason": refused.reason, "error": REFUSAL_MESSAGES[refused.reason]}
         if sid not in self._deadlines:  # disconnected while the token was checked
