@@ -111,7 +111,7 @@ class KeySet:
         while (keys := self._find(kid)) is None and self.problem is None and self.started < asked:
             await asyncio.shield(self.fetch_soon())  # if this client leaves, the fetch goes on for the others
         if keys is None or algorithm not in keys:
-            raise TokenRefused("invalid", f"no JWKS key for kid {str(kid)[:64]!r}, {algorithm}: {self.problem or 'ok'}")
+            raise TokenRefused("invalid", f"no JWKS key for kid {kid!r:.64}, {algorithm}: {self.problem or 'ok'}")
         return keys[algorithm]
 
     def _find(self, kid: Any) -> dict[str, Key] | None:  # a token without kid may use the key of a one-key set only
@@ -152,16 +152,17 @@ class KeySet:
                     raise ValueError(f"kty {kty}, use {use}, alg {alg}{', a repeated kid' if kid in keys else ''}")
                 keys[kid] = {a: jwk.construct(entry, a).public_key() for a in usable}
             except Exception as exc:  # a parse error is only named: its message could quote the key
-                skipped.append(f"{str(kid)[:64]!r}: {exc if type(exc) is ValueError else type(exc).__name__}")
+                skipped.append(f"{kid!r:.64}: {exc if type(exc) is ValueError else type(exc).__name__}")
         if not keys:
             raise ValueError(f"no usable key in 'keys' (a {type(entries).__name__}); skipped {skipped}")
         max_age = re.search(r"max-age=(\d{1,9})", response.headers.get("Cache-Control", ""))  # held within 1 min..1 h
         return keys, min(max(float(max_age[1]), 60), 3600) if max_age else 300, skipped
 
     async def refresh_forever(self) -> None:
-        while True:  # after max-age while fetches succeed, every min_interval while they fail
-            await asyncio.sleep(self.started + (self.min_interval if self.problem else self.max_age) - time.monotonic())
-            await self.fetch_soon()
+        while True:  # refetch after max-age while fetches succeed, every min_interval once one failed
+            await asyncio.sleep(self.min_interval)
+            if self.problem or time.monotonic() > self.started + self.max_age:
+                await self.fetch_soon()
 
 
 async def start_key_refresh(settings: JWTSettings) -> None:
@@ -245,8 +246,7 @@ def main(argv: list[str] | None = None) -> None:
     command.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds (default 3600)")
     args = parser.parse_args(argv)
     if not (secret := os.environ.get("GATEWAY_JWT_SECRET")):
-        sys.exit("gateway: this command signs with GATEWAY_JWT_SECRET; with GATEWAY_JWT_JWKS_URL or "
-                 "GATEWAY_JWT_PUBLIC_KEY, tokens come from your identity provider")
+        sys.exit("gateway: signing needs GATEWAY_JWT_SECRET; with a JWKS URL, tokens come from your identity provider")
     try:
         settings = load_jwt_settings(Config(environ=os.environ, env_prefix="GATEWAY_"))
         if not is_valid_user_id(args.user_id):

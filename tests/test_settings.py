@@ -162,6 +162,5 @@ def test_mint_token_command_without_a_secret_says_tokens_come_from_the_provider(
     )
     assert result.returncode != 0
     assert result.stderr.strip() == (
-        "gateway: this command signs with GATEWAY_JWT_SECRET; with GATEWAY_JWT_JWKS_URL or GATEWAY_JWT_PUBLIC_KEY, "
-        "tokens come from your identity provider"
+        "gateway: signing needs GATEWAY_JWT_SECRET; with a JWKS URL, tokens come from your identity provider"
     )
