@@ -138,7 +138,7 @@ class KeySet:
         """GET the set (in `timeout` and `max_bytes`): its usable keys, how long to keep them, the keys skipped."""
         deadline, body, keys, skipped = time.monotonic() + self.timeout, b"", dict[Any, dict[str, Key]](), []
         request = urllib.request.Request(self.url, headers={"User-Agent": "socket-gateway"})  # CDNs may refuse urllib
-        with urllib.request.urlopen(request, timeout=self.timeout) as response:  # redirects: to http(s) only
+        with urllib.request.urlopen(request, timeout=self.timeout) as response:  # redirects: as urllib follows them
             while chunk := response.read1(64 * 1024):
                 if len(body := body + chunk) > self.max_bytes or time.monotonic() > deadline:
                     raise ValueError(f"document larger than {self.max_bytes} bytes or slower than {self.timeout} s")
