@@ -23,6 +23,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from auth import start_key_refresh, stop_key_refresh
 from gateway import (
     CLOSE_TIMEOUT,
     NAMESPACE,
@@ -220,8 +221,10 @@ def create_app(gateway: SocketGateway, routes: Sequence[BaseRoute] = ()) -> ASGI
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         space_out_full_collections()
         gateway.start()
+        await start_key_refresh(gateway.settings.jwt)
         watch_for_shutdown(gateway)
         yield
+        stop_key_refresh(gateway.settings.jwt)
         await gateway.sio.shutdown()
         for task in list(gateway.sio.tasks):
             task.cancel()

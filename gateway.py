@@ -25,7 +25,7 @@ from socketio import packet
 from starlette.config import Config
 from starlette.datastructures import Secret
 
-from auth import JWTSettings, TokenRefused, is_valid_user_id, load_jwt_settings, verify_auth
+from auth import JWTSettings, TokenRefused, is_valid_user_id, key_problem, load_jwt_settings, verify_auth
 
 logger = logging.getLogger("gateway")
 
@@ -518,15 +518,15 @@ class SocketGateway(Emitter):
 
     async def ready_problem(self) -> str | None:
         """Why this node cannot serve right now, or None."""
-        problem = await self.manager.problem() if isinstance(self.manager, GatewayRedisManager) else None
-        self.metrics.redis_up.set(0 if problem else 1)
-        return problem
+        redis_problem = await self.manager.problem() if isinstance(self.manager, GatewayRedisManager) else None
+        self.metrics.redis_up.set(0 if redis_problem else 1)
+        return key_problem(self.settings.jwt) or redis_problem
 
     async def on_connect(self, sid: str, environ: dict[str, Any], auth: Any) -> None:
         environ.pop(CONNECT_DEADLINE).cancel()
         address = client_address(environ["asgi.scope"])
         try:
-            identity = verify_auth(auth, self.settings.jwt)
+            identity = await verify_auth(auth, self.settings.jwt)
         except TokenRefused as refused:
             raise self._refuse(sid, address, refused.reason, refused.detail) from None
         # Enter first, then count: no await can slip another connection of this user in between.
@@ -569,7 +569,7 @@ class SocketGateway(Emitter):
     async def on_refresh(self, sid: str, *args: Any) -> dict[str, Any]:
         """The client's `refresh` event: a new token of the same user moves its connection's deadline."""
         try:
-            identity = verify_auth(args[0] if len(args) == 1 else args or None, self.settings.jwt)
+            identity = await verify_auth(args[0] if len(args) == 1 else args or None, self.settings.jwt)
         except TokenRefused as refused:
             return {"ok": False, "reason": refused.reason, "error": REFUSAL_MESSAGES[refused.reason]}
         if sid not in self._deadlines:  # disconnected while the token was checked

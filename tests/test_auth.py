@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from jose import jwt
 from starlette.config import Config
 
-from auth import MAX_TOKEN_BYTES, TokenRefused, authenticate, load_jwt_settings, verify_auth, verify_token
+from auth import MAX_TOKEN_BYTES, Identity, TokenRefused, load_jwt_settings, verify_auth
 
 HS = load_jwt_settings(Config(environ={"JWT_SECRET": SECRET}))
 RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -30,7 +30,7 @@ RSA_PUBLIC_PEM = (
     .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     .decode()
 )
-RS = load_jwt_settings(Config(environ={"JWT_PUBLIC_KEY": RSA_PUBLIC_PEM, "JWT_ALGORITHMS": "RS256"}))
+RS = load_jwt_settings(Config(environ={"JWT_PUBLIC_KEY": RSA_PUBLIC_PEM, "JWT_AUDIENCE": "gw"}))  # RS256 by default
 
 
 def jwt_settings(**env: str):
@@ -39,6 +39,29 @@ def jwt_settings(**env: str):
 
 def signed(claims: dict[str, Any], key: str = SECRET, algorithm: str = "HS256") -> str:
     return jwt.encode(claims, key, algorithm=algorithm)
+
+
+def check(auth: Any, settings=HS) -> Identity:
+    """verify_auth with a secret or a PEM key, which never waits: its coroutine must finish in its first step."""
+    coroutine = verify_auth(auth, settings)
+    try:
+        coroutine.send(None)
+    except StopIteration as finished:
+        return finished.value
+    coroutine.close()
+    raise AssertionError("verify_auth waited, with a static key")
+
+
+def verify_token(token: Any, settings=HS) -> Identity:
+    return check({"token": token}, settings)
+
+
+def user_of(auth: Any, settings=HS) -> str | None:
+    """The user id `auth` authenticates, or None when it is refused."""
+    try:
+        return check(auth, settings).user_id
+    except TokenRefused:
+        return None
 
 
 def reason(token: Any, settings=HS) -> str:
@@ -120,6 +143,32 @@ def test_audience_in_token_is_ignored_when_not_configured():
     assert verify_token(signed({"sub": "a", "exp": now() + 60, "aud": "anything"}), HS).user_id == "a"
 
 
+def test_audience_claim_names_the_claim_that_carries_the_audience():
+    # Amazon Cognito's access tokens carry the app client in client_id and have no aud; its ID tokens have aud.
+    settings = jwt_settings(JWT_AUDIENCE="app-client", JWT_AUDIENCE_CLAIM="client_id")
+    access = {"sub": "u1", "exp": now() + 60, "client_id": "app-client", "token_use": "access"}
+    assert verify_token(signed(access), settings).user_id == "u1"
+    assert reason(signed(access | {"client_id": "another-client"}), settings) == "invalid"
+    assert reason(signed({"sub": "u1", "exp": now() + 60, "aud": "app-client"}), settings) == "invalid"
+
+
+def test_the_refusal_says_which_check_failed():
+    with pytest.raises(TokenRefused) as refused:
+        verify_token(signed({"sub": "a", "exp": now() + 60, "aud": "other"}), jwt_settings(JWT_AUDIENCE="gw"))
+    assert refused.value.detail == "token's aud is not 'gw'"
+
+
+@pytest.mark.parametrize(
+    "header", [{"crit": ["exp"]}, {"b64": False, "crit": ["b64"]}, {"crit": []}, {"crit": "b64"}, {"crit": None}]
+)
+def test_a_correctly_signed_token_whose_header_has_crit_is_refused(header):
+    # RFC 7515 4.1.11: a recipient must refuse a token naming an extension it does not understand; it knows none.
+    claims = {"sub": "alice", "exp": now() + 60}
+    assert verify_token(jwt.encode(claims, SECRET, headers={"kid": "any", "typ": "JWT"})).user_id == "alice"
+    assert reason(jwt.encode(claims, SECRET, headers=header)) == "invalid"
+    assert reason(jwt.encode(claims | {"aud": "gw"}, RSA_PRIVATE_PEM, "RS256", headers=header), RS) == "invalid"
+
+
 def test_token_signed_with_another_secret_is_refused():
     assert reason(token("alice", secret="another-secret-" + "y" * 40)) == "invalid"
 
@@ -134,8 +183,11 @@ def test_disallowed_hmac_algorithm_is_refused():
     assert verify_token(signed({"sub": "a", "exp": now() + 60}, algorithm="HS512"), jwt_settings(JWT_ALGORITHMS="HS512"))
 
 
-def test_rs256_token_is_accepted_with_the_public_key():
-    assert verify_token(signed({"sub": "r", "exp": now() + 60}, RSA_PRIVATE_PEM, "RS256"), RS).user_id == "r"
+def test_rs256_token_is_accepted_with_the_public_key_for_its_audience_only():
+    claims = {"sub": "r", "exp": now() + 60}
+    assert verify_token(signed(claims | {"aud": "gw"}, RSA_PRIVATE_PEM, "RS256"), RS).user_id == "r"
+    assert reason(signed(claims | {"aud": "other"}, RSA_PRIVATE_PEM, "RS256"), RS) == "invalid"
+    assert reason(signed(claims, RSA_PRIVATE_PEM, "RS256"), RS) == "invalid"
 
 
 def test_hs256_signed_with_the_rsa_public_key_is_refused_when_rs256_is_configured():
@@ -157,15 +209,18 @@ def test_es256_public_key_setup():
     public = key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    settings = load_jwt_settings(Config(environ={"JWT_PUBLIC_KEY": public.decode(), "JWT_ALGORITHMS": "ES256"}))
-    assert verify_token(signed({"sub": "e", "exp": now() + 60}, private.decode(), "ES256"), settings).user_id == "e"
-    assert reason(signed({"sub": "e", "exp": now() + 60}, RSA_PRIVATE_PEM, "RS256"), settings) == "invalid"
+    settings = load_jwt_settings(Config(environ={"JWT_PUBLIC_KEY": public.decode(), "JWT_AUDIENCE": "gw"}))
+    assert settings.algorithms == ("ES256",)  # the default for an EC key
+    claims = {"sub": "e", "exp": now() + 60, "aud": "gw"}
+    assert verify_token(signed(claims, private.decode(), "ES256"), settings).user_id == "e"
+    assert reason(signed(claims, RSA_PRIVATE_PEM, "RS256"), settings) == "invalid"
 
 
 def test_public_key_can_be_a_file_path(tmp_path):
     path = tmp_path / "key.pem"
     path.write_text(RSA_PUBLIC_PEM)
-    settings = load_jwt_settings(Config(environ={"JWT_PUBLIC_KEY": str(path), "JWT_ALGORITHMS": "RS256,RS512"}))
+    environ = {"JWT_PUBLIC_KEY": str(path), "JWT_ALGORITHMS": "RS256,RS512", "JWT_AUDIENCE": "*"}
+    settings = load_jwt_settings(Config(environ=environ))  # "*": tokens for any audience, or none
     assert verify_token(signed({"sub": "p", "exp": now() + 60}, RSA_PRIVATE_PEM, "RS512"), settings).user_id == "p"
 
 
@@ -188,21 +243,21 @@ def test_malformed_token_is_refused(value):
 def test_missing_token_is_refused_as_missing():
     assert reason(None) == "missing"
     with pytest.raises(TokenRefused) as refused:
-        verify_auth({}, HS)
+        check({}, HS)
     assert refused.value.reason == "missing"
 
 
 @pytest.mark.parametrize("auth", ["a.b.c", ["token"], 42])
 def test_auth_payload_that_is_not_an_object_is_refused(auth):
     with pytest.raises(TokenRefused) as refused:
-        verify_auth(auth, HS)
+        check(auth, HS)
     assert refused.value.reason == "invalid"
 
 
-def test_authenticate_returns_only_the_user_id():
-    assert authenticate({"token": token("bob")}, HS) == {"user_id": "bob"}
-    assert authenticate({"token": "nope"}, HS) is None
-    assert authenticate(None, HS) is None
+def test_a_token_gives_its_user_and_anything_else_is_refused():
+    assert user_of({"token": token("bob")}) == "bob"
+    assert user_of({"token": "nope"}) is None
+    assert user_of(None) is None
 
 
 # ---- properties over all inputs ----------------------------------------------------------------
@@ -217,14 +272,14 @@ anything = json_values | st.binary() | st.tuples(st.integers(), st.text()) | st.
 
 @settings(max_examples=300)
 @given(auth=anything)
-def test_authenticate_never_raises_on_any_auth_payload(auth):
-    assert authenticate(auth, HS) is None or isinstance(authenticate(auth, HS)["user_id"], str)
+def test_verify_auth_raises_only_token_refused_on_any_auth_payload(auth):
+    assert user_of(auth) is None or isinstance(user_of(auth), str)
 
 
 @settings(max_examples=300)
 @given(token_text=st.text(max_size=300) | st.from_regex(r"[A-Za-z0-9_\-]*\.[A-Za-z0-9_\-]*\.[A-Za-z0-9_\-]*"))
-def test_authenticate_never_raises_on_any_token_string(token_text):
-    assert authenticate({"token": token_text}, HS) is None
+def test_verify_auth_refuses_any_token_string(token_text):
+    assert user_of({"token": token_text}) is None
 
 
 claim_sets = st.dictionaries(
@@ -235,8 +290,8 @@ claim_sets = st.dictionaries(
 @settings(max_examples=300)
 @given(claims=claim_sets)
 def test_signed_claims_give_the_claimed_user_or_nothing(claims):
-    result = authenticate({"token": signed(claims)}, HS)
-    assert result is None or result == {"user_id": claims["sub"]}
+    result = user_of({"token": signed(claims)})
+    assert result is None or result == claims["sub"]
     if result is not None:  # then every rule held
         assert isinstance(claims["exp"], (int, float)) and claims["exp"] >= now() - HS.leeway - 1
 
@@ -272,9 +327,9 @@ def test_no_claims_pass_that_python_joses_jwt_decode_refuses(claims, base, env):
     settings = jwt_settings(**env)
     token = signed(base | claims)
     jose = jose_decode(token, settings)
-    ours = authenticate({"token": token}, settings)
+    ours = user_of({"token": token}, settings)
     if ours is not None:
-        assert jose is not None and ours == {"user_id": jose[settings.user_claim]}
+        assert jose is not None and ours == jose[settings.user_claim]
 
 
 def test_the_user_id_character_rule_is_exactly_unicodes_control_surrogate_and_separator_categories():
@@ -291,8 +346,8 @@ def test_the_user_id_character_rule_is_exactly_unicodes_control_surrogate_and_se
 def test_any_valid_user_id_round_trips(user_id, ttl):
     from auth import is_valid_user_id
 
-    expected = {"user_id": user_id} if is_valid_user_id(user_id) else None
-    assert authenticate({"token": token(user_id, ttl=ttl)}, HS) == expected
+    expected = user_id if is_valid_user_id(user_id) else None
+    assert user_of({"token": token(user_id, ttl=ttl)}) == expected
 
 
 @settings(max_examples=100)
@@ -309,5 +364,5 @@ def test_any_forged_token_is_refused(claims, algorithm, forged_with):
         forged = unsigned(claims, "HS256")[:-1] + b64(b"\x00" * 32)
     else:
         forged = signed(claims, "wrong-secret-" + "z" * 40, algorithm if algorithm.startswith("HS") else "HS256")
-    assert authenticate({"token": forged}, HS) is None
-    assert authenticate({"token": forged}, RS) is None
+    assert user_of({"token": forged}, HS) is None
+    assert user_of({"token": forged}, RS) is None

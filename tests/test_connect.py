@@ -7,7 +7,7 @@ import time
 
 import pytest
 import socketio
-from conftest import Client, connected, eventually, make_gateway, refusal, serve, token
+from conftest import SECRET, Client, connected, eventually, make_gateway, refusal, serve, token
 from jose import jwt
 from test_auth import unsigned
 
@@ -163,7 +163,7 @@ async def test_algorithm_outside_the_configured_list_is_refused_end_to_end():
     gateway = make_gateway(JWT_ALGORITHMS="HS512")
     async with serve(create_app(gateway)) as url:
         hs256 = token("kate")
-        hs512 = jwt.encode({"sub": "kate", "exp": int(time.time()) + 60}, gateway.settings.jwt.secret, "HS512")
+        hs512 = jwt.encode({"sub": "kate", "exp": int(time.time()) + 60}, SECRET, "HS512")
         assert (await refusal(url, {"token": hs256}))["message"] == "invalid token"
         client = Client()
         await client.connect(url, auth={"token": hs512})

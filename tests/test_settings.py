@@ -13,6 +13,9 @@ from test_auth import RSA_PRIVATE_PEM, RSA_PUBLIC_PEM
 from gateway import load_settings
 
 
+JWKS = "https://login.example.com/.well-known/jwks.json"
+
+
 def settings_error(**env: str) -> str:
     with pytest.raises(ValueError) as error:
         load_settings({f"GATEWAY_{k}": v for k, v in env.items()})
@@ -27,13 +30,24 @@ def settings_error(**env: str) -> str:
         ({"JWT_SECRET": "too-short"}, "GATEWAY_JWT_SECRET must be at least 32 bytes"),
         ({"JWT_SECRET": SECRET, "JWT_ALGORITHMS": "none"}, "GATEWAY_JWT_ALGORITHMS: 'none'"),
         ({"JWT_SECRET": SECRET, "JWT_ALGORITHMS": "HS256,RS256"}, "GATEWAY_JWT_ALGORITHMS: 'RS256'"),
-        ({"JWT_SECRET": SECRET, "JWT_ALGORITHMS": " , "}, "GATEWAY_JWT_ALGORITHMS is empty"),
+        ({"JWT_SECRET": SECRET, "JWT_ALGORITHMS": " , "}, "GATEWAY_JWT_ALGORITHMS: ''"),
         ({"JWT_PUBLIC_KEY": RSA_PUBLIC_PEM, "JWT_ALGORITHMS": "HS256"}, "GATEWAY_JWT_ALGORITHMS: 'HS256'"),
         ({"JWT_PUBLIC_KEY": RSA_PUBLIC_PEM, "JWT_ALGORITHMS": "RS256,ES256"}, "GATEWAY_JWT_ALGORITHMS: 'ES256'"),
         ({"JWT_PUBLIC_KEY": RSA_PUBLIC_PEM, "JWT_ALGORITHMS": "ES256"}, "GATEWAY_JWT_ALGORITHMS: 'ES256'"),
-        ({"JWT_PUBLIC_KEY": "-----BEGIN PUBLIC KEY-----\nnonsense\n", "JWT_ALGORITHMS": "RS256"}, "not a PEM public key"),
+        ({"JWT_PUBLIC_KEY": "-----BEGIN PUBLIC KEY-----\nnonsense\n", "JWT_ALGORITHMS": "RS256"}, "neither a PEM public"),
         ({"JWT_PUBLIC_KEY": RSA_PRIVATE_PEM, "JWT_ALGORITHMS": "RS256"}, "a private key is refused"),
         ({"JWT_PUBLIC_KEY": "/no/such/file.pem", "JWT_ALGORITHMS": "RS256"}, "GATEWAY_JWT_PUBLIC_KEY is neither"),
+        ({"JWT_JWKS_URL": JWKS, "JWT_SECRET": SECRET}, "exactly one"),
+        ({"JWT_JWKS_URL": JWKS, "JWT_PUBLIC_KEY": RSA_PUBLIC_PEM}, "exactly one"),
+        ({"JWT_JWKS_URL": JWKS, "JWT_ALGORITHMS": "HS256"}, "GATEWAY_JWT_ALGORITHMS: 'HS256'"),
+        ({"JWT_JWKS_URL": JWKS, "JWT_ALGORITHMS": "RS256,HS512", "JWT_AUDIENCE": "gw"}, "GATEWAY_JWT_ALGORITHMS: 'HS512'"),
+        ({"JWT_JWKS_URL": JWKS, "JWT_ALGORITHMS": "none", "JWT_AUDIENCE": "gw"}, "GATEWAY_JWT_ALGORITHMS: 'none'"),
+        ({"JWT_JWKS_URL": "ftp://login.example.com/jwks", "JWT_AUDIENCE": "gw"}, "GATEWAY_JWT_JWKS_URL must be"),
+        ({"JWT_JWKS_URL": "file:///etc/passwd", "JWT_AUDIENCE": "gw"}, "GATEWAY_JWT_JWKS_URL must be"),
+        ({"JWT_JWKS_URL": "login.example.com/jwks", "JWT_AUDIENCE": "gw"}, "GATEWAY_JWT_JWKS_URL must be"),
+        ({"JWT_JWKS_URL": JWKS}, "GATEWAY_JWT_AUDIENCE is required"),
+        ({"JWT_PUBLIC_KEY": RSA_PUBLIC_PEM}, "GATEWAY_JWT_AUDIENCE is required"),
+        ({"JWT_PUBLIC_KEY": RSA_PUBLIC_PEM, "JWT_ALGORITHMS": "RS256"}, "GATEWAY_JWT_AUDIENCE is required"),
         ({"JWT_SECRET": SECRET, "JWT_LEEWAY": "soon"}, "GATEWAY_JWT_LEEWAY"),
         ({"JWT_SECRET": SECRET, "JWT_LEEWAY": "-1"}, "GATEWAY_JWT_LEEWAY"),
         ({"JWT_SECRET": SECRET, "JWT_LEEWAY": "nan"}, "GATEWAY_JWT_LEEWAY"),
@@ -58,6 +72,19 @@ def settings_error(**env: str) -> str:
 )
 def test_bad_setting_is_refused_with_a_message_naming_it(env, names):
     assert names in settings_error(**env)
+
+
+def test_a_missing_audience_says_how_to_opt_out():
+    error = settings_error(JWT_JWKS_URL=JWKS)
+    assert "GATEWAY_JWT_AUDIENCE_CLAIM" in error and "or * to accept any audience" in error
+
+
+def test_jwks_settings_default_to_rs256_and_accept_the_audience_opt_outs():
+    settings = load_settings({"GATEWAY_JWT_JWKS_URL": JWKS, "GATEWAY_JWT_AUDIENCE": "*"}).jwt
+    assert settings.algorithms == ("RS256",) and settings.audience is None and settings.jwks.url == JWKS
+    environ = {"JWT_JWKS_URL": JWKS, "JWT_AUDIENCE": "app-client", "JWT_AUDIENCE_CLAIM": "client_id"}
+    settings = load_settings({f"GATEWAY_{k}": v for k, v in environ.items()} | {"GATEWAY_JWT_ALGORITHMS": "RS256,ES256"}).jwt
+    assert (settings.algorithms, settings.audience, settings.audience_claim) == (("RS256", "ES256"), "app-client", "client_id")
 
 
 def test_secret_never_appears_in_errors_or_repr():
@@ -108,7 +135,10 @@ def test_uvicorn_refuses_to_start_with_one_clear_line(env, line):
 
 
 def test_mint_token_command_prints_a_token_the_gateway_accepts():
-    from auth import authenticate, jwt_settings_from_env
+    from test_auth import user_of
+
+    from auth import load_jwt_settings
+    from starlette.config import Config
 
     clean = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
     result = subprocess.run(
@@ -120,16 +150,21 @@ def test_mint_token_command_prints_a_token_the_gateway_accepts():
         timeout=30,
         check=True,
     )
-    assert authenticate({"token": result.stdout.strip()}, jwt_settings_from_env()) == {"user_id": "alice"}
+    assert user_of({"token": result.stdout.strip()}, load_jwt_settings(Config(environ={"JWT_SECRET": SECRET}))) == "alice"
 
 
-def test_mint_token_command_without_a_secret_says_why():
+@pytest.mark.parametrize(
+    "env", [{}, {"GATEWAY_JWT_JWKS_URL": JWKS, "GATEWAY_JWT_AUDIENCE": "gw"}, {"GATEWAY_JWT_PUBLIC_KEY": RSA_PUBLIC_PEM}]
+)
+def test_mint_token_command_without_a_secret_says_tokens_come_from_the_provider(env):
     clean = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
     result = subprocess.run(
-        [sys.executable, "auth.py", "token", "alice"], cwd=ROOT, env=clean, capture_output=True, text=True, timeout=30
+        [sys.executable, "auth.py", "token", "alice"], cwd=ROOT, env=clean | env, capture_output=True, text=True, timeout=30
     )
     assert result.returncode != 0
-    assert result.stderr.strip().startswith("gateway: set exactly one of GATEWAY_JWT_SECRET")
+    assert result.stderr.strip() == (
+        "gateway: signing needs GATEWAY_JWT_SECRET; with a JWKS URL, tokens come from your identity provider"
+    )
 
 
 def test_a_process_that_configured_logging_keeps_its_configuration():
