@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import hmac
 import json
 import logging
@@ -25,7 +24,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from auth import start_key_refresh, stop_key_refresh
 from gateway import (
-    CLOSE_TIMEOUT,
     NAMESPACE,
     RedisUnavailable,
     SocketGateway,
@@ -39,41 +37,9 @@ from gateway import (
 logger = logging.getLogger("gateway.publish")
 
 MAX_BATCH = 1000
-MAX_NESTING = 100  # levels of arrays and objects in published data; json.dumps recurses per level
-FULL_COLLECTION_AFTER = 30  # middle-generation garbage collections between two full ones (Python's default: 10)
-TARGETS = ("user_id", "room", "broadcast")
-MESSAGE_FIELDS = frozenset({*TARGETS, "event", "data"})
+MAX_NESTING = 100  # levels of arrays and objects in published data: json.dumps recurses once per level
+TARGETS: dict[str, Callable[[Any], Any]] = {"user_id": check_user_id, "room": check_room, "broadcast": lambda x: x}
 SOCKETIO_PATH = "/socket.io/"
-
-
-async def health(request: Request) -> JSONResponse:
-    """Liveness: the process is up and serving."""
-    return JSONResponse({"status": "ok"})
-
-
-def ready_route(gateway: SocketGateway) -> Route:
-    """Readiness: 200, or 503 with a reason (no address: that goes to the log) while this node cannot serve."""
-
-    async def ready(request: Request) -> JSONResponse:
-        if problem := await gateway.ready_problem():
-            return JSONResponse({"status": "unavailable", "reason": problem}, status_code=503)
-        return JSONResponse({"status": "ready"})
-
-    return Route("/ready", ready)
-
-
-def metrics_route(gateway: SocketGateway) -> Route:
-    """GET /metrics in Prometheus' text format (only with GATEWAY_METRICS=1; keep it off the public network)."""
-
-    async def metrics(request: Request) -> Response:
-        await gateway.ready_problem()  # refreshes gateway_redis_up
-        registry = gateway.metrics.registry
-        if "PROMETHEUS_MULTIPROC_DIR" in os.environ:  # --workers N: every worker's values, summed
-            registry = CollectorRegistry()
-            multiprocess.MultiProcessCollector(registry)
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
-
-    return Route("/metrics", metrics)
 
 
 class PublishRefused(Exception):
@@ -87,80 +53,73 @@ def publish_route(gateway: SocketGateway) -> Route:
     key = str(gateway.settings.publish_key).encode()
 
     async def publish(request: Request) -> JSONResponse:
+        scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
         try:
-            if not hmac.compare_digest(bearer_token(request).encode(errors="replace"), key):
+            if scheme.lower() != "bearer" or not hmac.compare_digest(credentials.strip().encode(), key):
                 raise PublishRefused(401, "missing or wrong publish key")
-            messages = parse_messages(await read_json(request, gateway.settings.publish_max_bytes))
+            body = await read_json(request, gateway.settings.publish_max_bytes)
+            if isinstance(body, list) and len(body) > MAX_BATCH:
+                raise PublishRefused(422, f"a batch holds at most {MAX_BATCH} messages")
+            batch = body if isinstance(body, list) else [body]
+            messages = [parse_message(message, f"[{i}]." if batch is body else "") for i, message in enumerate(batch)]
         except PublishRefused as refused:
             logger.info("publish refused for %s: %d %s", client_address(request.scope), refused.status, refused.error)
+            headers = {"WWW-Authenticate": "Bearer"} if refused.status == 401 else None
             body = {"error": refused.error} | ({"field": refused.field} if refused.field else {})
-            return JSONResponse(body, refused.status, {"WWW-Authenticate": "Bearer"} if refused.status == 401 else None)
-        send = {"user_id": gateway.emit_to_user, "room": gateway.emit_to_room}
+            return JSONResponse(body, refused.status, headers)
+        emit = {"user_id": gateway.emit_to_user, "room": gateway.emit_to_room}
         for published, (target, name, event, data) in enumerate(messages):
-            try:
-                await (send[target](name, event, data) if target in send else gateway.broadcast(event, data))
-            except RedisUnavailable as error:  # messages before this one reached every node; this one this node only
-                body = {"error": str(error), "published": published}
-                return JSONResponse(body, 503, {"Retry-After": str(int(CLOSE_TIMEOUT))})
+            try:  # all checked above, so a batch goes whole unless Redis fails mid-way
+                await (emit[target](name, event, data) if target in emit else gateway.broadcast(event, data))
+            except RedisUnavailable as error:  # the ones before reached every node; this one this node only
+                return JSONResponse({"error": str(error), "published": published}, 503, {"Retry-After": "5"})
             gateway.metrics.published.labels(target.removesuffix("_id")).inc()
         return JSONResponse({"published": len(messages)})
 
     return Route("/publish", publish, methods=["POST"])
 
 
-def bearer_token(request: Request) -> str:
-    scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
-    return credentials.strip() if scheme.lower() == "bearer" else ""
-
-
 async def read_json(request: Request, max_bytes: int) -> Any:
     """The JSON body, refused with 415, 413 or 400 before more than `max_bytes` are read."""
     if request.headers.get("content-type", "").partition(";")[0].strip().lower() != "application/json":
         raise PublishRefused(415, "Content-Type must be application/json")
-    length = request.headers.get("content-length", "0")
+    body, length = b"", request.headers.get("content-length", "0")  # a chunked body has none: counted as it comes
     if not length.isdigit() or int(length) > max_bytes:
         raise PublishRefused(413, f"body larger than {max_bytes} bytes")
-    body = bytearray()
     async for chunk in request.stream():
-        body += chunk
-        if len(body) > max_bytes:
+        if len(body := body + chunk) > max_bytes:
             raise PublishRefused(413, f"body larger than {max_bytes} bytes")
     try:
-        return json.loads(body, parse_constant=refuse_constant)
+        return json.loads(body, parse_constant=not_json)
     except (ValueError, RecursionError):
         raise PublishRefused(400, "body is not valid JSON") from None
 
 
-def refuse_constant(name: str) -> None:
+def not_json(name: str) -> None:
     raise ValueError(f"{name} is not JSON")  # NaN and Infinity: Python reads them, browsers do not
 
 
-def parse_messages(body: Any) -> list[tuple[str, Any, str, Any]]:
-    """One message object, or a list of them (a batch, applied in order); all are checked before any is sent."""
-    if isinstance(body, list):
-        if len(body) > MAX_BATCH:
-            raise PublishRefused(422, f"a batch holds at most {MAX_BATCH} messages")
-        return [parse_message(item, f"[{i}].") for i, item in enumerate(body)]
-    return [parse_message(body, "")]
-
-
 def parse_message(message: Any, at: str) -> tuple[str, Any, str, Any]:
+    """A message names one target, an event and optional data; every check raises PublishRefused naming the field."""
     if not isinstance(message, dict):
         raise PublishRefused(422, "a message must be a JSON object", at.rstrip(".") or None)
-    for field in message:
-        if field not in MESSAGE_FIELDS:
-            raise PublishRefused(422, f"unknown field; expected {', '.join(sorted(MESSAGE_FIELDS))}", at + field)
-    targets = [field for field in TARGETS if field in message]
-    if len(targets) != 1:
+    if unknown := [field for field in message if field not in {*TARGETS, "event", "data"}]:
+        raise PublishRefused(
+            422, "unknown field; expected one of user_id, room, broadcast, event, data", at + unknown[0]
+        )
+    if len(targets := [field for field in TARGETS if field in message]) != 1:
         raise PublishRefused(422, "name exactly one target: user_id, room or broadcast", at + "user_id|room|broadcast")
-    target, name = targets[0], message[targets[0]]
-    if target == "broadcast" and name is not True:
-        raise PublishRefused(422, "broadcast must be true", at + target)
-    if target != "broadcast":
-        checked(check_user_id if target == "user_id" else check_room, name, at + target)
+    if message.get("broadcast", True) is not True:
+        raise PublishRefused(422, "broadcast must be true", at + "broadcast")
     if nesting(message.get("data")) > MAX_NESTING:  # checked here, so that a batch is sent whole or not at all
         raise PublishRefused(422, f"data nests deeper than {MAX_NESTING} levels", at + "data")
-    return target, name, checked(check_event, message.get("event"), at + "event"), message.get("data")
+    checked: dict[str, Any] = {}
+    for field, check in [(targets[0], TARGETS[targets[0]]), ("event", check_event)]:
+        try:
+            checked[field] = check(message.get(field))
+        except ValueError as error:
+            raise PublishRefused(422, str(error), at + field) from None
+    return targets[0], checked[targets[0]], checked["event"], message.get("data")
 
 
 def nesting(data: Any) -> int:
@@ -172,25 +131,17 @@ def nesting(data: Any) -> int:
     return depth
 
 
-def checked(check: Callable[[Any], str], value: Any, field: str) -> str:
-    """Run one of the gateway's own checks, turning its error into a 422 naming `field`."""
-    try:
-        return check(value)
-    except (ValueError, RecursionError) as error:
-        raise PublishRefused(422, str(error) or type(error).__name__, field) from None
-
-
 def watch_for_shutdown(gateway: SocketGateway) -> None:
-    """On SIGTERM, mark the gateway as shutting down and close every session, then let the server's handler run.
+    """On SIGTERM, mark the gateway as shutting down and answer pending long-polls, then run the server's handler.
 
-    uvicorn closes the sockets before the lifespan hears of the shutdown: this tells the disconnects it causes
-    apart from clients that went away, and answers pending long-polls at once instead of at their timeout.
+    uvicorn closes the sockets before the lifespan hears of the shutdown, so this is how those disconnects are told
+    apart from clients that left; and it waits for pending long-polls, which a NOOP packet answers at once.
     """
     if threading.current_thread() is not threading.main_thread():
         return  # signal handlers belong to the main thread; a server run in another thread keeps its own
     server_handler, loop = signal.getsignal(signal.SIGTERM), asyncio.get_running_loop()
 
-    def answer_long_polls() -> None:  # a NOOP answers a pending poll; the client's next one finds the server gone
+    def answer_long_polls() -> None:  # the client's next poll finds the server gone, and it reconnects elsewhere
         for sid, eio_sid in gateway.manager.get_participants(NAMESPACE, None):
             if gateway.sio.transport(sid, NAMESPACE) == "polling":
                 gateway.sio.spawn(gateway.sio.eio.send_packet(eio_sid, eio_packet.Packet(eio_packet.NOOP)))
@@ -204,22 +155,11 @@ def watch_for_shutdown(gateway: SocketGateway) -> None:
     signal.signal(signal.SIGTERM, on_sigterm)
 
 
-def space_out_full_collections() -> None:
-    """Let Python's garbage collector run a full collection after FULL_COLLECTION_AFTER middle-generation ones, not 10.
-
-    A full collection walks every live object, and a node's live objects grow with its connections: connecting
-    2,000 clients ran 5 of them, about 120 ms each, a fifth of the CPU of those connects.
-    """
-    young, middle, _ = gc.get_threshold()
-    gc.set_threshold(young, middle, FULL_COLLECTION_AFTER)
-
-
 def create_app(gateway: SocketGateway, routes: Sequence[BaseRoute] = ()) -> ASGIApp:
     """Combine `gateway`'s Socket.IO server with the HTTP routes (and any of yours) under one lifespan."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        space_out_full_collections()
         gateway.start()
         await start_key_refresh(gateway.settings.jwt)
         watch_for_shutdown(gateway)
@@ -231,11 +171,27 @@ def create_app(gateway: SocketGateway, routes: Sequence[BaseRoute] = ()) -> ASGI
         if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
             multiprocess.mark_process_dead(os.getpid())  # drops this worker's live gauges from the sums
 
-    own_routes = [Route("/health", health), ready_route(gateway)]
-    if gateway.settings.metrics:
-        own_routes.append(metrics_route(gateway))
-    if gateway.settings.publish_key is not None:
-        own_routes.append(publish_route(gateway))
+    async def health(request: Request) -> Response:
+        """Liveness: the process is up and serving."""
+        return JSONResponse({"status": "ok"})
+
+    async def ready(request: Request) -> Response:
+        """Readiness: 200, or 503 with a reason (no address: that goes to the log) while this node cannot serve."""
+        if problem := await gateway.ready_problem():
+            return JSONResponse({"status": "unavailable", "reason": problem}, status_code=503)
+        return JSONResponse({"status": "ready"})
+
+    async def metrics(request: Request) -> Response:
+        """Prometheus' text format; with PROMETHEUS_MULTIPROC_DIR (--workers N), every worker's values summed."""
+        await gateway.ready_problem()  # refreshes gateway_redis_up
+        registry = gateway.metrics.registry
+        if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+            multiprocess.MultiProcessCollector(registry := CollectorRegistry())
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    own_routes = [Route("/health", health), Route("/ready", ready)]
+    own_routes += [Route("/metrics", metrics)] if gateway.settings.metrics else []  # keep it off the public network
+    own_routes += [publish_route(gateway)] if gateway.settings.publish_key else []
     http = Starlette(routes=[*own_routes, *routes], lifespan=lifespan)
     socketio_app = socketio.ASGIApp(gateway.sio, other_asgi_app=http, socketio_path=SOCKETIO_PATH)
     return guard_polling_posts(socketio_app, gateway.settings.max_message_bytes, gateway.settings.ping_timeout)
@@ -248,17 +204,16 @@ def is_socketio_path(path: str) -> bool:
 
 def guard_polling_posts(app: ASGIApp, max_bytes: int, seconds: float) -> ASGIApp:
     """Answer 413 to a long-polling POST announcing more than `max_bytes` (or no length) before reading its body,
-    and 400 to one that python-engineio has not answered within `seconds`.
+    and 400 to one that python-engineio has not answered within `seconds` or failed on.
 
-    python-engineio checks the length only after the first body chunk, and on some client errors it waits for
-    the client's next poll before answering the POST.
+    python-engineio checks the length only after the first body chunk; on some client errors it waits for the
+    client's next poll before answering the POST, and a POST to a session it is closing raises KeyError.
     """
 
     async def guarded(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST" or not is_socketio_path(scope["path"]):
             return await app(scope, receive, send)
-        length = dict(scope["headers"]).get(b"content-length", b"")
-        if not length.isdigit() or int(length) > max_bytes:
+        if not (length := dict(scope["headers"]).get(b"content-length", b"")).isdigit() or int(length) > max_bytes:
             return await PlainTextResponse(f"a message is at most {max_bytes} bytes", 413)(scope, receive, send)
         started = False
 
@@ -269,9 +224,9 @@ def guard_polling_posts(app: ASGIApp, max_bytes: int, seconds: float) -> ASGIApp
 
         try:
             await asyncio.wait_for(app(scope, receive, noting_send), seconds)
-        except TimeoutError:
+        except (TimeoutError, KeyError):
             if not started:
-                await PlainTextResponse("not answered in time", 400)(scope, receive, send)
+                await PlainTextResponse("session closed or not answered in time", 400)(scope, receive, send)
 
     return guarded
 

@@ -62,17 +62,23 @@ def load_jwt_settings(config: Config) -> JWTSettings:
     if bad := [algorithm for algorithm in algorithms or [""] if algorithm not in family]:
         raise ValueError(f"GATEWAY_JWT_ALGORITHMS: {bad[0]!r} is not one of {'/'.join(family)} for this key")
     if not (audience := config("JWT_AUDIENCE", default="")) and source != "SECRET":  # provider keys sign for many apps
-        raise ValueError("GATEWAY_JWT_AUDIENCE is required with a public key or JWKS URL: your provider's audience "
-                         "for this gateway (see GATEWAY_JWT_AUDIENCE_CLAIM for Cognito), or * to accept any audience")
+        raise ValueError(
+            "GATEWAY_JWT_AUDIENCE is required with a public key or JWKS URL: your provider's audience "
+            "for this gateway (see GATEWAY_JWT_AUDIENCE_CLAIM for Cognito), or * to accept any audience"
+        )
     if not (0 <= (leeway := config("JWT_LEEWAY", cast=float, default=10)) <= 300):  # NaN is refused too
         raise ValueError(f"GATEWAY_JWT_LEEWAY must be between 0 and 300 seconds, got {leeway}")
     if not (user_claim := config("JWT_USER_CLAIM", default="sub").strip()):
         raise ValueError("GATEWAY_JWT_USER_CLAIM is empty")
     return JWTSettings(
-        algorithms, {a: jwk.construct(material, a) for a in algorithms} if material else {},
-        KeySet(value, algorithms) if source == "JWKS_URL" else None, None if audience in ("", "*") else audience,
-        config("JWT_AUDIENCE_CLAIM", default="").strip() or "aud", config("JWT_ISSUER", default="") or None,
-        leeway, user_claim,
+        algorithms,
+        {a: jwk.construct(material, a) for a in algorithms} if material else {},
+        KeySet(value, algorithms) if source == "JWKS_URL" else None,
+        None if audience in ("", "*") else audience,
+        config("JWT_AUDIENCE_CLAIM", default="").strip() or "aud",
+        config("JWT_ISSUER", default="") or None,
+        leeway,
+        user_claim,
     )
 
 
@@ -88,8 +94,10 @@ def _key_source(source: str, value: str) -> tuple[str | None, tuple[str, ...]]:
         pem = value if "-----BEGIN" in value else Path(value).read_text()
         key = serialization.load_pem_public_key(pem.encode())
     except Exception:
-        raise ValueError("GATEWAY_JWT_PUBLIC_KEY is neither a PEM public key nor the path of a file holding one "
-                         "(a private key is refused)") from None
+        raise ValueError(
+            "GATEWAY_JWT_PUBLIC_KEY is neither a PEM public key nor the path of a file holding one "
+            "(a private key is refused)"
+        ) from None
     if not isinstance(key, (rsa.RSAPublicKey, ec.EllipticCurvePublicKey)):
         raise ValueError(f"GATEWAY_JWT_PUBLIC_KEY is a {type(key).__name__}; only RSA and EC keys are supported")
     return pem, RSA_ALGORITHMS if isinstance(key, rsa.RSAPublicKey) else EC_ALGORITHMS

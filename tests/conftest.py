@@ -30,7 +30,7 @@ import socketio  # noqa: E402
 import uvicorn  # noqa: E402
 
 from auth import mint_token  # noqa: E402
-from gateway import NAMESPACE, SocketGateway, create_server, load_settings  # noqa: E402
+from gateway import NAMESPACE, Settings, SocketGateway, create_server  # noqa: E402
 from harness import wait_for_port  # noqa: E402, F401  (re-exported to the tests)
 
 TIMEOUT = 10  # seconds any single wait may take before a test fails
@@ -48,7 +48,7 @@ def token(user_id: str, ttl: float = 3600, secret: str = SECRET, **claims: Any) 
 def make_gateway(**env: str) -> SocketGateway:
     """A fresh gateway and Socket.IO server configured as GATEWAY_<name>=<value> for each keyword."""
     environ = {"GATEWAY_JWT_SECRET": SECRET, **{f"GATEWAY_{k}": v for k, v in env.items()}}
-    settings = load_settings(environ)
+    settings = Settings(environ)
     return SocketGateway(create_server(settings), settings)
 
 

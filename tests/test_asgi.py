@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import json
 import urllib.request
 
@@ -11,7 +10,7 @@ import pytest
 import socketio
 from conftest import Client, connected, eventually, gateway_process, make_gateway, refusal, serve, token
 
-from asgi import FULL_COLLECTION_AFTER, create_app
+from asgi import create_app
 
 pytestmark = pytest.mark.anyio
 
@@ -46,17 +45,6 @@ async def test_lifespan_shuts_the_socketio_server_down():
             pass
         assert gateway.sio.eio.service_task_handle is not None
     assert gateway.sio.eio.service_task_handle is None
-
-
-async def test_lifespan_spaces_out_full_garbage_collections():
-    defaults = gc.get_threshold()
-    gc.set_threshold(700, 10, 10)  # Python's defaults, whatever an earlier test's lifespan set
-    try:
-        async with serve(create_app(make_gateway())) as url:
-            assert (await fetch(f"{url}/health"))[0] == 200  # served once the lifespan has started
-            assert gc.get_threshold() == (700, 10, FULL_COLLECTION_AFTER)
-    finally:
-        gc.set_threshold(*defaults)
 
 
 async def test_extra_routes_of_the_backend_share_the_app():

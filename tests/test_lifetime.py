@@ -165,5 +165,5 @@ def test_sigterm_ends_cleanly_and_clients_see_the_transport_close():
         log = process.stderr.read()
         assert "Application shutdown complete." in log
         assert "Traceback" not in log
-        ended = [line for line in log.splitlines() if " ended " in line and line.endswith(": shutdown")]
+        ended = [line for line in log.splitlines() if line.endswith(" ended: shutdown")]
         assert len(ended) == 3  # one line per connection, told apart from clients leaving by themselves

@@ -206,11 +206,11 @@ def test_text_logs_have_one_line_per_refusal_and_nothing_per_message():
 
 
 def test_bad_log_settings_are_refused_at_start_up():
-    from gateway import load_settings
+    from gateway import Settings
 
     for name, bad in (("LOG_LEVEL", "LOUD"), ("LOG_FORMAT", "xml"), ("METRICS", "maybe")):
         with pytest.raises(ValueError, match=f"GATEWAY_{name}"):
-            load_settings({"GATEWAY_JWT_SECRET": SECRET, f"GATEWAY_{name}": bad})
+            Settings({"GATEWAY_JWT_SECRET": SECRET, f"GATEWAY_{name}": bad})
 
 
 # ---- the deployment recipe: deploy/nginx.conf in front of deploy/socket-gateway@.service instances ------------
@@ -416,9 +416,9 @@ def test_systemd_unit_runs_one_process_per_port_with_the_documented_flags():
 
 
 def test_nginx_timeouts_fit_the_gateways_ping():
-    from gateway import load_settings
+    from gateway import Settings
 
-    settings = load_settings({"GATEWAY_JWT_SECRET": SECRET})
+    settings = Settings({"GATEWAY_JWT_SECRET": SECRET})
     site = SITE.read_text()
 
     def seconds(directive: str) -> int:

@@ -10,7 +10,7 @@ import pytest
 from conftest import ROOT, SECRET
 from test_auth import RSA_PRIVATE_PEM, RSA_PUBLIC_PEM
 
-from gateway import load_settings
+from gateway import Settings
 
 
 JWKS = "https://login.example.com/.well-known/jwks.json"
@@ -18,7 +18,7 @@ JWKS = "https://login.example.com/.well-known/jwks.json"
 
 def settings_error(**env: str) -> str:
     with pytest.raises(ValueError) as error:
-        load_settings({f"GATEWAY_{k}": v for k, v in env.items()})
+        Settings({f"GATEWAY_{k}": v for k, v in env.items()})
     return str(error.value)
 
 
@@ -80,15 +80,15 @@ def test_a_missing_audience_says_how_to_opt_out():
 
 
 def test_jwks_settings_default_to_rs256_and_accept_the_audience_opt_outs():
-    settings = load_settings({"GATEWAY_JWT_JWKS_URL": JWKS, "GATEWAY_JWT_AUDIENCE": "*"}).jwt
+    settings = Settings({"GATEWAY_JWT_JWKS_URL": JWKS, "GATEWAY_JWT_AUDIENCE": "*"}).jwt
     assert settings.algorithms == ("RS256",) and settings.audience is None and settings.jwks.url == JWKS
     environ = {"JWT_JWKS_URL": JWKS, "JWT_AUDIENCE": "app-client", "JWT_AUDIENCE_CLAIM": "client_id"}
-    settings = load_settings({f"GATEWAY_{k}": v for k, v in environ.items()} | {"GATEWAY_JWT_ALGORITHMS": "RS256,ES256"}).jwt
+    settings = Settings({f"GATEWAY_{k}": v for k, v in environ.items()} | {"GATEWAY_JWT_ALGORITHMS": "RS256,ES256"}).jwt
     assert (settings.algorithms, settings.audience, settings.audience_claim) == (("RS256", "ES256"), "app-client", "client_id")
 
 
 def test_secret_never_appears_in_errors_or_repr():
-    settings = load_settings({"GATEWAY_JWT_SECRET": SECRET})
+    settings = Settings({"GATEWAY_JWT_SECRET": SECRET})
     assert SECRET not in repr(settings)
     assert SECRET not in settings_error(JWT_SECRET=SECRET, JWT_ALGORITHMS="RS256")
 
@@ -96,15 +96,15 @@ def test_secret_never_appears_in_errors_or_repr():
 def test_redis_password_never_appears_in_errors_or_repr():
     password = "s3cret-redis-password"
     assert password not in settings_error(JWT_SECRET=SECRET, REDIS_URL=f"http://user:{password}@host")
-    settings = load_settings({"GATEWAY_JWT_SECRET": SECRET, "GATEWAY_REDIS_URL": f"rediss://:{password}@host:6380/0"})
+    settings = Settings({"GATEWAY_JWT_SECRET": SECRET, "GATEWAY_REDIS_URL": f"rediss://:{password}@host:6380/0"})
     assert settings.redis_url.startswith("rediss://") and password not in repr(settings)
     assert settings.redis_channel == "socket-gateway"
 
 
 def test_cors_origins_are_parsed():
-    assert load_settings({"GATEWAY_JWT_SECRET": SECRET}).cors_origins is None
-    assert load_settings({"GATEWAY_JWT_SECRET": SECRET, "GATEWAY_CORS_ORIGINS": "*"}).cors_origins == "*"
-    parsed = load_settings({"GATEWAY_JWT_SECRET": SECRET, "GATEWAY_CORS_ORIGINS": "https://a.example, http://b:8080/"})
+    assert Settings({"GATEWAY_JWT_SECRET": SECRET}).cors_origins is None
+    assert Settings({"GATEWAY_JWT_SECRET": SECRET, "GATEWAY_CORS_ORIGINS": "*"}).cors_origins == "*"
+    parsed = Settings({"GATEWAY_JWT_SECRET": SECRET, "GATEWAY_CORS_ORIGINS": "https://a.example, http://b:8080/"})
     assert parsed.cors_origins == ["https://a.example", "http://b:8080"]
 
 
