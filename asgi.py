@@ -164,6 +164,7 @@ def create_app(gateway: SocketGateway, routes: Sequence[BaseRoute] = ()) -> ASGI
         await start_key_refresh(gateway.settings.jwt)
         watch_for_shutdown(gateway)
         yield
+        await gateway.stop()
         stop_key_refresh(gateway.settings.jwt)
         await gateway.sio.shutdown()
         for task in list(gateway.sio.tasks):

@@ -7,12 +7,15 @@ import contextlib
 import json
 import logging
 import os
+import re
+import secrets
 import socket
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Coroutine, Mapping
 from functools import partial
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
 import redis.asyncio
@@ -32,9 +35,12 @@ USER_ROOM_PREFIX = "user:"  # personal rooms are "user:<id>"; the backend's own 
 END_EVENT = "gateway_disconnect"  # sent with {"reason": ...} just before the server ends a connection
 # Event names the official JavaScript client reserves for itself (emitting them would break clients), and ours.
 RESERVED_EVENTS = {"connect", "connect_error", "disconnect", "disconnecting", "newListener", "removeListener"}
-RESERVED_EVENTS.add(END_EVENT)
+RECOVERY_EVENT = "gateway_offset"  # sent on connect with recovery on: every client then holds an offset
+RESERVED_EVENTS |= {END_EVENT, RECOVERY_EVENT}
 REFUSALS = {"missing": "missing token", "invalid": "invalid token", "expired": "token expired"}
 REFUSALS["limit"] = "too many connections"
+RECOVERY_MAX_EVENTS = 10_000  # events kept for recovery: per node in memory, per cluster in Redis
+OFFSET = re.compile(r"\d{1,20}-\d{1,20}")  # Redis stream ids; in memory "0-<n>"
 CLOSE_TIMEOUT = 5.0  # seconds a connection the server closes has to take its last packets
 YIELD_EVERY = 1000  # recipients served between two turns of the event loop during one emit
 DEFAULT_REDIS_CHANNEL = "socket-gateway"
@@ -66,6 +72,7 @@ class Settings:
         self.transports = [t.strip() for t in config("TRANSPORTS", default="polling,websocket").split(",") if t.strip()]
         if not self.transports or not {*self.transports} <= {"polling", "websocket"}:
             raise ValueError(f"GATEWAY_TRANSPORTS must be websocket, polling or both, got {self.transports}")
+        self.recovery_seconds = number(config, "RECOVERY_SECONDS", 0, 0, 3600)  # 0: no connection state recovery
         self.metrics = config("METRICS", cast=bool, default=False)
         self.log_level = choice(config, "LOG_LEVEL", ["INFO", "DEBUG", "WARNING", "ERROR"]).upper()
         self.log_format = choice(config, "LOG_FORMAT", ["text", "json"]).lower()
@@ -156,6 +163,7 @@ class GatewayManager(socketio.AsyncManager):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.full_since: dict[str, float] = {}  # sid -> when an emit first found max_queued packets waiting on it
+        self.held: dict[str, list[tuple[Any, Any, list[Any]]]] = {}  # sid -> (room, offset, packets) held back
 
     async def emit(self, event: str, data: Any, namespace: str, room: Any = None, **kwargs: Any) -> None:
         room, skip = kwargs.get("to") or room, kwargs.get("skip_sid")
@@ -175,6 +183,9 @@ class GatewayManager(socketio.AsyncManager):
                 stalled.append(sid)
                 continue
             any_full = any_full or sid in self.full_since
+            if sid in self.held:  # a recovering connection: after its replay
+                self.held[sid].append((room, arguments[-1] if arguments else None, parts))
+                continue
             for part in parts:
                 await self.server.eio.send_packet(eio_sid, part)
             if count % YIELD_EVERY == 0:
@@ -190,6 +201,168 @@ class GatewayManager(socketio.AsyncManager):
 
 class RedisUnavailable(ConnectionError):
     """Redis did not take a message meant for every node: this node's connections got it, the other nodes' did not."""
+
+
+def offset_order(offset: str) -> tuple[int, int]:
+    milliseconds, _, sequence = offset.partition("-")
+    return int(milliseconds), int(sequence)
+
+
+Missed = tuple[list[tuple[str, str, str]], str]  # (offset, room or "" for everyone, [event, *arguments]), newest offset
+
+
+class MemoryRecovery:
+    """One node's recent events and its dropped connections' sessions, for `seconds`, in memory and bounded."""
+
+    def __init__(self, seconds: int) -> None:
+        self.seconds, self.events = seconds, deque[tuple[str, str, str]](maxlen=RECOVERY_MAX_EVENTS)
+        self.trimmed, self.count = (0, 0), 0  # the newest offset pushed out of `events`, the offsets handed out
+        self.sessions: dict[str, tuple[float, str, list[str]]] = {}  # pid -> (kept until, user id, rooms), in order
+
+    async def emit(self, manager: GatewayManager, event: str, arguments: list[Any], room: str | None) -> None:
+        payload = strict_dumps([event, *arguments], separators=(",", ":"))  # raises TypeError for bytes too
+        if len(self.events) == self.events.maxlen:
+            self.trimmed = offset_order(self.events[0][0])
+        self.count += 1
+        self.events.append((offset := f"0-{self.count}", room or "", payload))
+        await manager.emit(event, (*arguments, offset), NAMESPACE, room=room)
+
+    async def since(self, offset: str) -> Missed | None:
+        """The events after `offset` and the newest offset, or None when some are gone or `offset` is unknown."""
+        if not self.trimmed <= offset_order(offset) <= (0, self.count):
+            return None
+        return [entry for entry in self.events if offset_order(entry[0]) > offset_order(offset)], f"0-{self.count}"
+
+    async def newest(self) -> str:
+        return f"0-{self.count}"
+
+    async def keep(self, pid: str, user_id: str, rooms: list[str]) -> None:
+        while self.sessions and next(iter(self.sessions.values()))[0] < time.monotonic():  # the oldest ones first
+            del self.sessions[next(iter(self.sessions))]
+        self.sessions[pid] = (time.monotonic() + self.seconds, user_id, rooms)
+
+    async def take(self, pid: str, user_id: str) -> list[str] | None:
+        """The rooms of a session of this user, which can be taken once; None for any other pid or user."""
+        if (session := self.sessions.get(pid)) is None or session[1] != user_id or session[0] < time.monotonic():
+            return None
+        return self.sessions.pop(pid)[2]
+
+
+# XADD and PUBLISH in one step, so that every node delivers events in offset order, and with the same offsets.
+ADD_AND_PUBLISH = """local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'room', ARGV[2], 'd', ARGV[3])
+redis.call('PUBLISH', ARGV[4], (string.gsub(ARGV[5], ARGV[6], id, 1)))
+return id"""
+
+
+class RedisRecovery:
+    """The cluster's recent events in a Redis stream and dropped connections' sessions as expiring keys."""
+
+    def __init__(self, manager: GatewayRedisManager, seconds: int) -> None:
+        self.redis, self.channel, self.seconds = manager.publisher, manager.channel, seconds
+        self.stream, self.add_and_publish = f"{manager.channel}:events", self.redis.register_script(ADD_AND_PUBLISH)
+
+    async def emit(self, manager: GatewayManager, event: str, arguments: list[Any], room: str | None) -> None:
+        payload, placeholder = strict_dumps([event, *arguments], separators=(",", ":")), uuid.uuid4().hex
+        message: dict[str, Any] = {"method": "emit", "event": event, "data": [*arguments, placeholder], "room": room}
+        message |= {
+            "namespace": NAMESPACE,
+            "host_id": "recovery",
+        }  # no node's own: every node, this one too, delivers it
+        script_arguments = [RECOVERY_MAX_EVENTS, room or "", payload, self.channel, strict_dumps(message), placeholder]
+        await self.redis_call(self.add_and_publish(keys=[self.stream], args=script_arguments))
+
+    async def since(self, offset: str) -> Missed | None:
+        async with self.redis.pipeline(transaction=True) as pipe:  # no trimming between the two
+            pipe.xinfo_stream(self.stream)
+            pipe.xrange(self.stream, f"({offset}", "+")
+            info, entries = await self.redis_call(pipe.execute(raise_on_error=False))
+        if isinstance(info, redis.ResponseError):  # no stream yet: nothing was ever sent
+            return ([], offset) if offset == "0-0" else None
+        first, newest = info["recorded-first-entry-id"].decode(), info["last-generated-id"].decode()
+        trimmed = info["entries-added"] > info["length"] and offset_order(offset) < offset_order(first)
+        if trimmed or offset_order(offset) > offset_order(newest):
+            return None
+        missed = [(key.decode(), entry[b"room"].decode(), entry[b"d"].decode()) for key, entry in entries]
+        return missed, newest
+
+    async def newest(self) -> str:
+        with contextlib.suppress(redis.ResponseError):  # no stream yet: nothing was ever sent
+            return str((await self.redis.xinfo_stream(self.stream))["last-generated-id"].decode())
+        return "0-0"
+
+    async def keep(self, pid: str, user_id: str, rooms: list[str]) -> None:
+        await self.redis_call(
+            self.redis.set(f"{self.channel}:session:{pid}", strict_dumps([user_id, rooms]), ex=self.seconds)
+        )
+
+    async def take(self, pid: str, user_id: str) -> list[str] | None:
+        key = f"{self.channel}:session:{pid}"
+        if (session := await self.redis_call(self.redis.get(key))) is None or json.loads(session)[0] != user_id:
+            return None
+        return json.loads(session)[1] if await self.redis_call(self.redis.delete(key)) == 1 else None  # taken once
+
+    async def redis_call(self, call: Awaitable[Any]) -> Any:
+        try:
+            return await call
+        except redis.RedisError as error:
+            raise RedisUnavailable(f"redis failed: {type(error).__name__}") from error
+
+
+class RecoveryPacket(packet.Packet):
+    """python-socketio's packet, whose CONNECT reply also carries the connection's private session id (pid)."""
+
+    pids: ClassVar[dict[str, str]] = {}  # sid -> pid, set just before python-socketio builds that reply
+
+    def __init__(self, packet_type: int = packet.EVENT, data: Any = None, *args: Any, **kwargs: Any) -> None:
+        if (
+            packet_type == packet.CONNECT
+            and isinstance(data, dict)
+            and (pid := self.pids.pop(str(data.get("sid")), None))
+        ):
+            data = {**data, "pid": pid}
+        super().__init__(packet_type, data, *args, **kwargs)
+
+
+class GatewayMetrics:
+    """The gateway's Prometheus series (GET /metrics with GATEWAY_METRICS=1), counted per connection or emit call."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry = registry or CollectorRegistry()
+        live: Any = {"registry": registry, "multiprocess_mode": "livesum"}  # summed over the live workers
+        self.connections = Gauge("gateway_connections", "Open Socket.IO connections.", **live)
+        self.users = Gauge("gateway_connected_users", "Users with an open connection.", **live)
+        self.accepted = Counter("gateway_connections_accepted", "Connections accepted.", registry=registry)
+        self.refused = Counter("gateway_connections_refused", "Connections refused.", ["reason"], registry=registry)
+        self.emitted = Counter("gateway_emits", "Emit calls, by target kind.", ["kind"], registry=registry)
+        self.published = Counter("gateway_publish_api_messages", "POST /publish messages.", ["kind"], registry=registry)
+        self.disconnects = Counter("gateway_disconnects", "Connections ended.", ["reason"], registry=registry)
+        self.redis_up = Gauge("gateway_redis_up", "Redis works.", **live | {"multiprocess_mode": "livemostrecent"})
+
+
+# ---- The only place the gateway uses python-socketio's and python-engineio's internals --------------------------
+# sio.eio.sockets[...].queue and .closed, sio.manager_initialized, python-engineio's _send_ping tasks, the pub/sub
+# manager's _publish and _listen (the hooks its docstrings tell subclasses to implement), and four AsyncServer
+# methods GatewayServer overrides. Each works around the upstream behaviour its comment names;
+# tests/test_internals.py fails if upstream changes one of them.
+
+
+def queued_packets(sio: socketio.AsyncServer, eio_sid: str) -> int:
+    """Packets waiting to go out on one connection: python-engineio's queues have no bound and no public size."""
+    engineio_socket = sio.eio.sockets.get(eio_sid)
+    return int(engineio_socket.queue.qsize()) if engineio_socket is not None else 0
+
+
+async def all_taken(sio: socketio.AsyncServer, eio_sid: str) -> None:
+    """Wait until the client took every packet queued for it: python-engineio's close makes them unreachable."""
+    if (engineio_socket := sio.eio.sockets.get(eio_sid)) is not None and not engineio_socket.closed:
+        await engineio_socket.queue.join()
+
+
+def start_manager(sio: socketio.AsyncServer) -> None:
+    """Start the client manager now: python-socketio starts it at the first connection, after Redis traffic began."""
+    if not sio.manager_initialized:
+        sio.manager_initialized = True
+        sio.manager.initialize()
 
 
 class GatewayRedisManager(socketio.AsyncRedisManager, GatewayManager):
@@ -241,47 +414,6 @@ class GatewayRedisManager(socketio.AsyncRedisManager, GatewayManager):
         return problem
 
 
-class GatewayMetrics:
-    """The gateway's Prometheus series (GET /metrics with GATEWAY_METRICS=1), counted per connection or emit call."""
-
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry = registry or CollectorRegistry()
-        live: Any = {"registry": registry, "multiprocess_mode": "livesum"}  # summed over the live workers
-        self.connections = Gauge("gateway_connections", "Open Socket.IO connections.", **live)
-        self.users = Gauge("gateway_connected_users", "Users with an open connection.", **live)
-        self.accepted = Counter("gateway_connections_accepted", "Connections accepted.", registry=registry)
-        self.refused = Counter("gateway_connections_refused", "Connections refused.", ["reason"], registry=registry)
-        self.emitted = Counter("gateway_emits", "Emit calls, by target kind.", ["kind"], registry=registry)
-        self.published = Counter("gateway_publish_api_messages", "POST /publish messages.", ["kind"], registry=registry)
-        self.disconnects = Counter("gateway_disconnects", "Connections ended.", ["reason"], registry=registry)
-        self.redis_up = Gauge("gateway_redis_up", "Redis works.", **live | {"multiprocess_mode": "livemostrecent"})
-
-
-# ---- The only place the gateway uses python-socketio's and python-engineio's internals --------------------------
-# sio.eio.sockets[...].queue and .closed, sio.manager_initialized, python-engineio's _send_ping tasks, and the four
-# AsyncServer methods GatewayServer overrides. Each works around the upstream behaviour its comment names;
-# tests/test_internals.py fails if upstream changes one of them.
-
-
-def queued_packets(sio: socketio.AsyncServer, eio_sid: str) -> int:
-    """Packets waiting to go out on one connection: python-engineio's queues have no bound and no public size."""
-    engineio_socket = sio.eio.sockets.get(eio_sid)
-    return int(engineio_socket.queue.qsize()) if engineio_socket is not None else 0
-
-
-async def all_taken(sio: socketio.AsyncServer, eio_sid: str) -> None:
-    """Wait until the client took every packet queued for it: python-engineio's close makes them unreachable."""
-    if (engineio_socket := sio.eio.sockets.get(eio_sid)) is not None and not engineio_socket.closed:
-        await engineio_socket.queue.join()
-
-
-def start_manager(sio: socketio.AsyncServer) -> None:
-    """Start the client manager now: python-socketio starts it at the first connection, after Redis traffic began."""
-    if not sio.manager_initialized:
-        sio.manager_initialized = True
-        sio.manager.initialize()
-
-
 class GatewayServer(socketio.AsyncServer):
     """python-socketio's server, which ends connections on purpose with every wait bounded."""
 
@@ -290,6 +422,7 @@ class GatewayServer(socketio.AsyncServer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.end_reasons: dict[str, str] = {}  # sid -> why the gateway ended it; the disconnect handler pops it
+        self.left: set[str] = set()  # sids whose client sent Socket.IO DISCONNECT; the disconnect handler removes it
         self.tasks: set[asyncio.Task[None]] = set()  # closes under way, referenced until they finish
         self.ping_tasks: dict[str, asyncio.Task[None]] = {}  # Engine.IO sid -> its latest ping task
         self.eio.start_background_task = partial(self.start_tracking_pings, self.eio.start_background_task)
@@ -322,6 +455,8 @@ class GatewayServer(socketio.AsyncServer):
     async def _handle_eio_message(self, eio_sid: str, data: Any) -> None:
         # python-socketio logs a traceback per malformed packet and collects binary attachments for as long as a
         # client announces them; clients of this gateway send only JSON, so either closes that connection.
+        if data == str(packet.DISCONNECT):  # the client leaves on purpose, unlike a bare Engine.IO close (a drop)
+            self.left.add(self.manager.sid_from_eio_sid(eio_sid, NAMESPACE))
         if isinstance(data, bytes) or data[:1] in (str(packet.BINARY_EVENT), str(packet.BINARY_ACK)):
             problem = "binary packet"
         else:
@@ -372,7 +507,8 @@ def create_server(settings: Settings) -> GatewayServer:
         "async_mode": "asgi",
     }
     options |= {"ping_interval": settings.ping_interval, "ping_timeout": settings.ping_timeout}
-    server = GatewayServer(client_manager=manager, max_http_buffer_size=settings.max_message_bytes, **options)
+    options |= {"max_http_buffer_size": settings.max_message_bytes, "serializer": RecoveryPacket}
+    server = GatewayServer(client_manager=manager, **options)
     server.connect_timeout = settings.ping_interval + settings.ping_timeout
     return server
 
@@ -382,8 +518,8 @@ class Emitter:
     Redis), or a write-only Redis one for a process that runs no server (`redis_publisher`). With Redis, each method
     raises RedisUnavailable when Redis did not take the message."""
 
-    def __init__(self, manager: socketio.AsyncManager, metrics: GatewayMetrics | None = None) -> None:
-        self.manager, self.metrics = manager, metrics or GatewayMetrics()
+    def __init__(self, manager: Any, metrics: GatewayMetrics | None = None, recovery: Any = None) -> None:
+        self.manager, self.metrics, self.recovery = manager, metrics or GatewayMetrics(), recovery
 
     async def emit_to_user(self, user_id: str, event: str, data: Any = None) -> None:
         """Send to every connection of one user. This is a coroutine."""
@@ -410,7 +546,11 @@ class Emitter:
 
     async def _emit(self, event: str, data: Any, room: str | None, kind: str) -> None:
         # The one place that emits: python-socketio reads a falsy room as "everyone", so only broadcast() passes None.
-        await self.manager.emit(event, data, namespace=NAMESPACE, room=room)
+        if self.recovery:  # the event gets its offset (its last argument) and a place in the history
+            arguments = list(data) if isinstance(data, tuple) else [] if data is None else [data]
+            await self.recovery.emit(self.manager, event, arguments, room)
+        else:
+            await self.manager.emit(event, data, namespace=NAMESPACE, room=room)
         self.metrics.emitted.labels(kind).inc()
 
     async def join_room(self, sid: str, room: str) -> None:
@@ -430,17 +570,27 @@ class Emitter:
         return sid
 
 
-def redis_publisher(redis_url: str, channel: str = DEFAULT_REDIS_CHANNEL) -> Emitter:
-    """An Emitter for a process that runs no server (a worker, a script): it publishes through Redis only."""
-    return Emitter(GatewayRedisManager(redis_url, channel, write_only=True))
+def redis_publisher(
+    redis_url: str, channel: str = DEFAULT_REDIS_CHANNEL, recovery_seconds: int | None = None
+) -> Emitter:
+    """An Emitter for a process that runs no server (a worker, a script): it publishes through Redis only.
+    `recovery_seconds` must be the nodes' GATEWAY_RECOVERY_SECONDS (by default, this process's)."""
+    manager, seconds = GatewayRedisManager(redis_url, channel, write_only=True), recovery_seconds
+    seconds = settings.recovery_seconds if seconds is None else seconds
+    return Emitter(manager, recovery=RedisRecovery(manager, seconds) if seconds else None)
 
 
 class SocketGateway(Emitter):
     """The backend's handle on connected users; registers the server's connect, disconnect and refresh handlers."""
 
     def __init__(self, sio: GatewayServer, settings: Settings, metrics: GatewayMetrics | None = None) -> None:
-        super().__init__(sio.manager, metrics)
+        seconds, redis_manager = settings.recovery_seconds, isinstance(sio.manager, GatewayRedisManager)
+        recovery = (
+            (RedisRecovery(sio.manager, seconds) if redis_manager else MemoryRecovery(seconds)) if seconds else None
+        )
+        super().__init__(sio.manager, metrics, recovery)
         self.sio, self.settings = sio, settings
+        self.pids: dict[str, str] = {}  # pid -> sid of this node's open connections, with recovery on
         self._deadlines: dict[str, asyncio.TimerHandle] = {}  # sid -> the timer that ends it when its token expires
         self.shutting_down = False  # set on SIGTERM (see asgi.py): transport closes after it are the shutdown's
         sio.on("connect", self.on_connect)
@@ -464,16 +614,78 @@ class SocketGateway(Emitter):
             identity = await verify_auth(auth, self.settings.jwt)
         except TokenRefused as refused:
             raise self._refuse(sid, address, refused.reason, refused.detail) from None
+        if self.recovery:
+            self.manager.held[sid] = []  # live events wait until what it missed is out
         # Enter first, then count: no await can slip another connection of this user in between.
         await self.sio.enter_room(sid, user_room(identity.user_id), namespace=NAMESPACE)
         if (connections := self.connection_count(identity.user_id)) > self.settings.max_connections_per_user:
+            self.manager.held.pop(sid, None)
             raise self._refuse(sid, address, "limit", f"user {identity.user_id!r} has {connections - 1} connections")
-        await self.sio.save_session(sid, {"user_id": identity.user_id}, namespace=NAMESPACE)
+        pid = await self.recover(sid, identity.user_id, auth) if self.recovery else None
+        await self.sio.save_session(
+            sid, {"user_id": identity.user_id} | ({"pid": pid} if pid else {}), namespace=NAMESPACE
+        )
         self._end_at(sid, identity.expires_at)
         self.metrics.accepted.inc()
         self.metrics.connections.inc()
         self.metrics.users.inc(connections == 1)
         logger.debug("user %r connected as %s from %s", identity.user_id, sid, address)
+
+    async def recover(self, sid: str, user_id: str, auth: dict[str, Any]) -> str:
+        """Replay what a reconnecting connection missed if its session can be recovered, then tell every connection
+        the offset it holds from now on; return its pid (the same one when recovered). Runs after every refusal."""
+        eio_sid, pid, offset = self.manager.eio_sid_from_sid(sid, NAMESPACE), auth.get("pid"), auth.get("offset")
+        rooms, missed, newest = [user_room(user_id)], None, "0-0"
+        with contextlib.suppress(RedisUnavailable):  # Redis down: a new session, nothing replayed
+            kept = (
+                await self.take_session(pid, user_id) if isinstance(offset, str) and OFFSET.fullmatch(offset) else None
+            )
+            for room in kept or []:  # before reading the history: events sent from now on are held, none is lost
+                await self.sio.enter_room(sid, room, namespace=NAMESPACE)
+            found = await self.recovery.since(offset) if kept is not None else None
+            rooms += kept or []
+            missed = None if found is None else [(o, data) for o, room, data in found[0] if not room or room in rooms]
+            if missed is None or any(data.startswith(f'["{END_EVENT}",') for _, data in missed):  # or logged out since
+                for room in rooms[1:]:
+                    await self.sio.leave_room(sid, room, namespace=NAMESPACE)
+                rooms, missed = rooms[:1], None
+            newest = found[1] if found and missed is not None else await self.recovery.newest()
+        pid = pid if missed is not None else secrets.token_urlsafe(16)
+        for o, data in [*(missed or []), (newest, f'["{RECOVERY_EVENT}"]')]:  # each event with its offset last
+            text = f"{packet.EVENT}{data[:-1]},{strict_dumps(o)}]"
+            await self.sio.eio.send_packet(eio_sid, eio_packet.Packet(eio_packet.MESSAGE, text))
+        for room, o, parts in self.manager.held.pop(sid):  # then the live events held back, but those replayed
+            replayed = missed and isinstance(o, str) and OFFSET.fullmatch(o) and offset_order(o) <= offset_order(newest)
+            for part in parts if (room is None or room in rooms) and not replayed else []:
+                await self.sio.eio.send_packet(eio_sid, part)
+        RecoveryPacket.pids[sid] = pid = str(pid)
+        self.pids[pid] = sid
+        return pid
+
+    async def take_session(self, pid: Any, user_id: str) -> list[str] | None:
+        """The rooms of a dropped connection's session, if `pid` names one of this user's; it can be taken once."""
+        if not isinstance(pid, str):
+            return None
+        old = self.pids.get(pid)  # still open here: it dropped, but its ping timeout has not told the server yet
+        if (
+            old
+            and self.manager.is_connected(old, NAMESPACE)
+            and (await self.sio.get_session(old))["user_id"] == user_id
+        ):
+            await self.sio.end(old, "replaced")  # which keeps its session
+        return await self.recovery.take(pid, user_id)  # type: ignore[no-any-return]
+
+    async def keep_session(self, sid: str, user_id: str, pid: str) -> None:
+        """Keep what a dropped connection needs to be recovered: its user and the rooms it was put in."""
+        rooms = [room for room in self.manager.get_rooms(sid, NAMESPACE) if room not in (sid, user_room(user_id))]
+        with contextlib.suppress(RedisUnavailable):  # not recoverable then
+            await self.recovery.keep(pid, user_id, rooms)
+
+    async def stop(self) -> None:
+        """At shutdown, keep the sessions of connections still open, so that they recover, on another node too."""
+        for sid, _ in self.manager.get_participants(NAMESPACE, None) if self.recovery else []:
+            session = await self.sio.get_session(sid, namespace=NAMESPACE)
+            await self.keep_session(sid, session["user_id"], session["pid"])
 
     def _refuse(self, sid: str, address: str, reason: str, detail: str) -> Exception:
         """Log a refusal, and close the client's transport once it took the connect_error python-socketio sends."""
@@ -490,10 +702,17 @@ class SocketGateway(Emitter):
         self.sio.close_transport(self.manager.eio_sid_from_sid(sid, NAMESPACE))
         self._cancel_deadline(sid)
         self.manager.full_since.pop(sid, None)
-        user_id = (await self.sio.get_session(sid, namespace=NAMESPACE)).get("user_id")
+        session = await self.sio.get_session(sid, namespace=NAMESPACE)
+        user_id, pid = session.get("user_id"), session.get("pid")
         ended_by = self.sio.end_reasons.pop(sid, None) or ("shutdown" if self.shutting_down else None)
         log = logger.info if ended_by else logger.debug
         log("%s of user %r ended: %s", sid, user_id, ended_by or reason, extra={"reason": ended_by or reason})
+        # Kept after a drop: a transport closed or failed, a ping timed out, or the client's Engine.IO closed its
+        # transport (as Node's server does); never after a logout, an expiry, a stall or the client's DISCONNECT.
+        dropped = not ended_by and reason != self.sio.reason.SERVER_DISCONNECT and sid not in self.sio.left
+        self.sio.left.discard(sid)
+        if pid and self.pids.pop(pid, None) and (dropped or ended_by in ("shutdown", "replaced")):
+            await self.keep_session(sid, user_id, pid)  # not after a logout, an expiry, a stall or a client's leaving
         self.metrics.disconnects.labels(ended_by or reason.replace(" ", "_")).inc()
         self.metrics.connections.dec()
         self.metrics.users.dec(user_id is not None and self.connection_count(user_id) == 1)  # it leaves after this

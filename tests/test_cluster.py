@@ -46,9 +46,9 @@ async def subscribers(url: str) -> int:
         await client.aclose()
 
 
-async def wait_for_subscribers(url: str, count: int) -> None:
+async def wait_for_subscribers(url: str, count: int, at_least: bool = False) -> None:
     deadline = time.monotonic() + TIMEOUT * 3
-    while await subscribers(url) != count:
+    while not (await subscribers(url) >= count if at_least else await subscribers(url) == count):
         assert time.monotonic() < deadline, f"{await subscribers(url)} of {count} nodes subscribed"
         await asyncio.sleep(0.02)
 

@@ -36,7 +36,7 @@ def all_rooms(gateway) -> dict:
 async def test_valid_token_connects_and_joins_the_personal_room(live):
     gateway, url = live
     async with connected(url, "alice") as [alice]:
-        assert await gateway.sio.get_session(alice.sid) == {"user_id": "alice"}
+        assert await gateway.sio.get_session(alice.sid) == {"user_id": "alice"}  # no pid: recovery is off
         assert room_members(gateway, user_room("alice")) == {alice.sid}
         assert gateway.sio.manager.get_rooms(alice.sid, NAMESPACE) == [alice.sid, "user:alice"]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
+import aiohttp
 import anyio.from_thread
 import pytest
 import socketio
@@ -322,6 +323,21 @@ async def test_10000_back_to_back_emits_to_one_user_all_arrive_in_order(live, tr
         while (fact := await client.until("event"))["event"] != "done":
             received.append(fact["args"][0])
         assert received == list(range(10_000))
+        assert gateway.connection_count("burst") == 1
+
+
+async def test_10000_messages_to_one_user_in_publish_batches_all_arrive_in_order():
+    key = "publish-key-" + "k" * 40
+    gateway = make_gateway(PUBLISH_KEY=key)
+    async with serve(create_app(gateway)) as url, connected(url, "burst") as [client]:
+        headers = {"Authorization": f"Bearer {key}"}
+        async with aiohttp.ClientSession(headers=headers) as http:
+            for batch in range(10):
+                messages = [{"user_id": "burst", "event": "n", "data": batch * 1000 + n} for n in range(1000)]
+                async with http.post(f"{url}/publish", json=messages) as response:
+                    assert response.status == 200, await response.text()
+        await gateway.emit_to_user("burst", "marker")
+        assert [data for _, data in await client.events_until("marker")] == list(range(10_000))
         assert gateway.connection_count("burst") == 1
 
 

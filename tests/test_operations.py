@@ -314,9 +314,6 @@ def test_shipped_nginx_and_systemd_recipe_keeps_every_client_on_one_process(tmp_
     with redis_server() as redis_srv:
         env = gateway_env(REDIS_URL=redis_srv.url, PUBLISH_KEY=KEY, METRICS="1")
         instances = {port: unit_command(unit, str(port)) for port in ports.values()}
-        # The gateway ends a logged-out connection but not yet its Engine.IO session (issue #15, section 5), so
-        # each polling client's last long-poll stays open until uvicorn's graceful shutdown cancels it: stopping
-        # the instances takes --timeout-graceful-shutdown (10 s).
         with running(instances, gateway_logs, env, stop_timeout):
             with running({listen: [nginx, "-c", str(tmp_path / "nginx.conf"), "-g", "daemon off;"]}, nginx_logs):
                 front = f"http://127.0.0.1:{listen}"

@@ -17,7 +17,7 @@ const socket = io(url, {
   reconnectionDelayMax: 500,
 });
 
-socket.on("connect", () => say({ connected: socket.id }));
+socket.on("connect", () => say({ connected: socket.id, recovered: socket.recovered }));
 socket.io.on("open", () => socket.io.engine.on("upgrade", (t) => say({ upgraded: t.name })));
 socket.on("connect_error", (err) => say({ connect_error: err.message, data: err.data ?? null }));
 socket.on("disconnect", (reason) => say({ disconnected: reason }));
