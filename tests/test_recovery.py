@@ -22,7 +22,7 @@ from conftest import TIMEOUT, eventually, gateway_process, make_gateway, redis_s
 from gateway import RECOVERY_EVENT, RedisUnavailable, redis_publisher, user_room
 from soak import client_frame, raw_websocket, server_text
 from test_cluster import wait_for_subscribers
-from test_js_clients import NodeClient
+from test_js_clients import SITE_FILES, NodeClient, browser_page, example_page_url, static_site
 
 pytestmark = pytest.mark.anyio
 
@@ -449,3 +449,22 @@ def test_for_any_emits_drops_and_reconnects_the_client_gets_exactly_what_was_for
         portal.call(run, steps)
 
     check()
+
+
+async def test_the_official_client_in_chromium_recovers_through_the_example_page():
+    with static_site(SITE_FILES) as site:
+        async with (
+            recovering_gateway(CORS_ORIGINS=site) as (gateway, url, cable),
+            browser_page(example_page_url(site, url, token("alice"))) as page,
+        ):
+            assert (await page.until("status"))["status"].startswith("connected as ")
+            assert RECOVERY_EVENT in (await page.until("message"))["message"]
+            cable.cut()
+            assert (await page.until("status"))["status"].startswith("disconnected: transport")
+            await gateway.emit_to_user("alice", "notification", {"text": "sent while away"})
+            cable.restore()
+            facts = [await page.next_fact() for _ in range(3)]  # the replayed message, the offset, the status
+            [status] = [fact["status"] for fact in facts if "status" in fact]
+            assert status.endswith("(recovered)")
+            messages = [fact["message"] for fact in facts if "message" in fact]
+            assert "sent while away" in messages[0] and RECOVERY_EVENT in messages[1]

@@ -1,5 +1,5 @@
 // Playwright drives Debian's chromium (no browser download) to a page and reports, as JSON lines on stdout,
-// the page's status once it leaves "connecting…" and then its first message. A "close" line on stdin ends it.
+// every change of the page's status line and every message it shows. A "close" line on stdin ends it.
 // Usage: node browser.mjs /usr/bin/chromium PAGE_URL
 import { chromium } from "playwright-core";
 import { createInterface } from "node:readline";
@@ -19,10 +19,16 @@ createInterface({ input: process.stdin }).on("line", async () => {
 });
 const page = await browser.newPage();
 await page.goto(pageUrl);
-const status = await page.waitForFunction(() => {
-  const text = document.getElementById("status").textContent;
-  return text !== "connecting…" && text;
-}, null, { timeout: 20000 });
-say({ status: await status.jsonValue() });
-const message = await page.waitForSelector("#messages li", { timeout: 60000 });
-say({ message: await message.textContent() });
+// Every change of the status line, and every message as it arrives (the page puts new ones first).
+let shown = "connecting…";
+let messages = 0;
+for (;;) {
+  const [text, items] = await page.evaluate(() => [
+    document.getElementById("status").textContent,
+    [...document.querySelectorAll("#messages li")].map((item) => item.textContent),
+  ]);
+  if (text !== shown) say({ status: (shown = text) });
+  for (const item of items.slice(0, items.length - messages).reverse()) say({ message: item });
+  messages = items.length;
+  await new Promise((resolve) => setTimeout(resolve, 50));
+}
