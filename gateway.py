@@ -263,11 +263,8 @@ class RedisRecovery:
 
     async def emit(self, manager: GatewayManager, event: str, arguments: list[Any], room: str | None) -> None:
         payload, placeholder = strict_dumps([event, *arguments], separators=(",", ":")), uuid.uuid4().hex
-        message: dict[str, Any] = {"method": "emit", "event": event, "data": [*arguments, placeholder], "room": room}
-        message |= {
-            "namespace": NAMESPACE,
-            "host_id": "recovery",
-        }  # no node's own: every node, this one too, delivers it
+        data = [*arguments, placeholder]  # python-socketio's message; no node's own host: all, this one too, deliver it
+        message = {"method": "emit", "event": event, "data": data, "room": room, "namespace": "/", "host_id": "-"}
         script_arguments = [RECOVERY_MAX_EVENTS, room or "", payload, self.channel, strict_dumps(message), placeholder]
         await self.redis_call(self.add_and_publish(keys=[self.stream], args=script_arguments))
 
@@ -291,9 +288,8 @@ class RedisRecovery:
         return "0-0"
 
     async def keep(self, pid: str, user_id: str, rooms: list[str]) -> None:
-        await self.redis_call(
-            self.redis.set(f"{self.channel}:session:{pid}", strict_dumps([user_id, rooms]), ex=self.seconds)
-        )
+        key, value = f"{self.channel}:session:{pid}", strict_dumps([user_id, rooms])
+        await self.redis_call(self.redis.set(key, value, ex=self.seconds))
 
     async def take(self, pid: str, user_id: str) -> list[str] | None:
         key = f"{self.channel}:session:{pid}"
@@ -314,11 +310,7 @@ class RecoveryPacket(packet.Packet):
     pids: ClassVar[dict[str, str]] = {}  # sid -> pid, set just before python-socketio builds that reply
 
     def __init__(self, packet_type: int = packet.EVENT, data: Any = None, *args: Any, **kwargs: Any) -> None:
-        if (
-            packet_type == packet.CONNECT
-            and isinstance(data, dict)
-            and (pid := self.pids.pop(str(data.get("sid")), None))
-        ):
+        if packet_type == packet.CONNECT and (pid := self.pids.pop(data["sid"], None)):  # python-socketio's reply
             data = {**data, "pid": pid}
         super().__init__(packet_type, data, *args, **kwargs)
 
@@ -585,10 +577,8 @@ class SocketGateway(Emitter):
 
     def __init__(self, sio: GatewayServer, settings: Settings, metrics: GatewayMetrics | None = None) -> None:
         seconds, redis_manager = settings.recovery_seconds, isinstance(sio.manager, GatewayRedisManager)
-        recovery = (
-            (RedisRecovery(sio.manager, seconds) if redis_manager else MemoryRecovery(seconds)) if seconds else None
-        )
-        super().__init__(sio.manager, metrics, recovery)
+        recovery = RedisRecovery(sio.manager, seconds) if redis_manager else MemoryRecovery(seconds)
+        super().__init__(sio.manager, metrics, recovery if seconds else None)
         self.sio, self.settings = sio, settings
         self.pids: dict[str, str] = {}  # pid -> sid of this node's open connections, with recovery on
         self._deadlines: dict[str, asyncio.TimerHandle] = {}  # sid -> the timer that ends it when its token expires
@@ -622,9 +612,8 @@ class SocketGateway(Emitter):
             self.manager.held.pop(sid, None)
             raise self._refuse(sid, address, "limit", f"user {identity.user_id!r} has {connections - 1} connections")
         pid = await self.recover(sid, identity.user_id, auth) if self.recovery else None
-        await self.sio.save_session(
-            sid, {"user_id": identity.user_id} | ({"pid": pid} if pid else {}), namespace=NAMESPACE
-        )
+        session = {"user_id": identity.user_id} | ({"pid": pid} if pid else {})
+        await self.sio.save_session(sid, session, namespace=NAMESPACE)
         self._end_at(sid, identity.expires_at)
         self.metrics.accepted.inc()
         self.metrics.connections.inc()
@@ -637,9 +626,7 @@ class SocketGateway(Emitter):
         eio_sid, pid, offset = self.manager.eio_sid_from_sid(sid, NAMESPACE), auth.get("pid"), auth.get("offset")
         rooms, missed, newest = [user_room(user_id)], None, "0-0"
         with contextlib.suppress(RedisUnavailable):  # Redis down: a new session, nothing replayed
-            kept = (
-                await self.take_session(pid, user_id) if isinstance(offset, str) and OFFSET.fullmatch(offset) else None
-            )
+            kept = await self.take_session(pid, offset, user_id)
             for room in kept or []:  # before reading the history: events sent from now on are held, none is lost
                 await self.sio.enter_room(sid, room, namespace=NAMESPACE)
             found = await self.recovery.since(offset) if kept is not None else None
@@ -662,17 +649,17 @@ class SocketGateway(Emitter):
         self.pids[pid] = sid
         return pid
 
-    async def take_session(self, pid: Any, user_id: str) -> list[str] | None:
+    async def take_session(self, pid: Any, offset: Any, user_id: str) -> list[str] | None:
         """The rooms of a dropped connection's session, if `pid` names one of this user's; it can be taken once."""
-        if not isinstance(pid, str):
+        if not (isinstance(pid, str) and isinstance(offset, str) and OFFSET.fullmatch(offset)):
             return None
-        old = self.pids.get(pid)  # still open here: it dropped, but its ping timeout has not told the server yet
+        old = self.pids.get(pid)  # still open here: it dropped, but its ping has not timed out; ending it keeps it
         if (
             old
             and self.manager.is_connected(old, NAMESPACE)
             and (await self.sio.get_session(old))["user_id"] == user_id
         ):
-            await self.sio.end(old, "replaced")  # which keeps its session
+            await self.sio.end(old, "replaced")
         return await self.recovery.take(pid, user_id)  # type: ignore[no-any-return]
 
     async def keep_session(self, sid: str, user_id: str, pid: str) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import settings
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "test-secret-" + "x" * 40
@@ -34,6 +35,8 @@ from gateway import NAMESPACE, Settings, SocketGateway, create_server  # noqa: E
 from harness import wait_for_port  # noqa: E402, F401  (re-exported to the tests)
 
 TIMEOUT = 10  # seconds any single wait may take before a test fails
+# ./run test runs three legs at once: they must not share hypothesis' example database.
+settings.register_profile("side-by-side", database=None)
 
 
 @pytest.fixture
