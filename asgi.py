@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import socketio
-from engineio import packet as eio_packet
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -23,16 +22,7 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from auth import start_key_refresh, stop_key_refresh
-from gateway import (
-    NAMESPACE,
-    RedisUnavailable,
-    SocketGateway,
-    check_event,
-    check_room,
-    check_user_id,
-    client_address,
-    gateway,
-)
+from gateway import RedisUnavailable, SocketGateway, check_event, check_room, check_user_id, client_address, gateway
 
 logger = logging.getLogger("gateway.publish")
 
@@ -104,9 +94,7 @@ def parse_message(message: Any, at: str) -> tuple[str, Any, str, Any]:
     if not isinstance(message, dict):
         raise PublishRefused(422, "a message must be a JSON object", at.rstrip(".") or None)
     if unknown := [field for field in message if field not in {*TARGETS, "event", "data"}]:
-        raise PublishRefused(
-            422, "unknown field; expected one of user_id, room, broadcast, event, data", at + unknown[0]
-        )
+        raise PublishRefused(422, "unknown field: use user_id, room, broadcast, event and data", at + unknown[0])
     if len(targets := [field for field in TARGETS if field in message]) != 1:
         raise PublishRefused(422, "name exactly one target: user_id, room or broadcast", at + "user_id|room|broadcast")
     if message.get("broadcast", True) is not True:
@@ -141,14 +129,9 @@ def watch_for_shutdown(gateway: SocketGateway) -> None:
         return  # signal handlers belong to the main thread; a server run in another thread keeps its own
     server_handler, loop = signal.getsignal(signal.SIGTERM), asyncio.get_running_loop()
 
-    def answer_long_polls() -> None:  # the client's next poll finds the server gone, and it reconnects elsewhere
-        for sid, eio_sid in gateway.manager.get_participants(NAMESPACE, None):
-            if gateway.sio.transport(sid, NAMESPACE) == "polling":
-                gateway.sio.spawn(gateway.sio.eio.send_packet(eio_sid, eio_packet.Packet(eio_packet.NOOP)))
-
     def on_sigterm(signum: int, frame: Any) -> None:
         gateway.shutting_down = True
-        loop.call_soon_threadsafe(answer_long_polls)
+        loop.call_soon_threadsafe(gateway.answer_long_polls)
         if callable(server_handler):
             server_handler(signum, frame)
 

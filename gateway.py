@@ -591,6 +591,12 @@ class SocketGateway(Emitter):
         """Start the client manager, so a node listens to Redis before its first client arrives."""
         start_manager(self.sio)
 
+    def answer_long_polls(self) -> None:
+        """On SIGTERM: a pending long-poll answered with a NOOP ends at once; the client's next poll finds us gone."""
+        for sid, eio_sid in self.manager.get_participants(NAMESPACE, None):
+            if self.sio.transport(sid, NAMESPACE) == "polling":
+                self.sio.spawn(self.sio.eio.send_packet(eio_sid, eio_packet.Packet(eio_packet.NOOP)))
+
     async def ready_problem(self) -> str | None:
         """Why this node cannot serve right now, or None."""
         redis_problem = await self.manager.problem() if isinstance(self.manager, GatewayRedisManager) else None
