@@ -7,6 +7,7 @@ import contextlib
 import hmac
 import json
 import logging
+import math
 import os
 import signal
 import threading
@@ -27,6 +28,8 @@ from gateway import RedisUnavailable, SocketGateway, check_event, check_room, ch
 logger = logging.getLogger("gateway.publish")
 
 MAX_BATCH = 1000
+READ_TIMEOUT = 10  # seconds a /publish body may take to arrive
+POST_TIMEOUT = 5  # seconds python-engineio may take to answer a long-polling POST
 MAX_NESTING = 100  # levels of arrays and objects in published data: json.dumps recurses once per level
 TARGETS: dict[str, Callable[[Any], Any]] = {"user_id": check_user_id, "room": check_room, "broadcast": lambda x: x}
 SOCKETIO_PATH = "/socket.io/"
@@ -47,7 +50,7 @@ def publish_route(gateway: SocketGateway) -> Route:
         try:
             if scheme.lower() != "bearer" or not hmac.compare_digest(credentials.strip().encode(), key):
                 raise PublishRefused(401, "missing or wrong publish key")
-            body = await read_json(request, gateway.settings.publish_max_bytes)
+            body = await read_json(request, gateway.settings.publish_max_bytes)  # within READ_TIMEOUT
             if isinstance(body, list) and len(body) > MAX_BATCH:
                 raise PublishRefused(422, f"a batch holds at most {MAX_BATCH} messages")
             batch = body if isinstance(body, list) else [body]
@@ -70,23 +73,33 @@ def publish_route(gateway: SocketGateway) -> Route:
 
 
 async def read_json(request: Request, max_bytes: int) -> Any:
-    """The JSON body, refused with 415, 413 or 400 before more than `max_bytes` are read."""
+    """The JSON body, refused with 415, 413, 408 or 400 before more than `max_bytes` are read."""
     if request.headers.get("content-type", "").partition(";")[0].strip().lower() != "application/json":
         raise PublishRefused(415, "Content-Type must be application/json")
     body, length = b"", request.headers.get("content-length", "0")  # a chunked body has none: counted as it comes
     if not length.isdigit() or int(length) > max_bytes:
         raise PublishRefused(413, f"body larger than {max_bytes} bytes")
-    async for chunk in request.stream():
-        if len(body := body + chunk) > max_bytes:
-            raise PublishRefused(413, f"body larger than {max_bytes} bytes")
     try:
-        return json.loads(body, parse_constant=not_json)
+        async with asyncio.timeout(READ_TIMEOUT):  # a body sent slowly must not hold a request (and a shutdown)
+            async for chunk in request.stream():
+                if len(body := body + chunk) > max_bytes:
+                    raise PublishRefused(413, f"body larger than {max_bytes} bytes")
+    except TimeoutError:
+        raise PublishRefused(408, f"body not received within {READ_TIMEOUT} s") from None
+    try:
+        return json.loads(body, parse_constant=not_json, parse_float=finite)
     except (ValueError, RecursionError):
         raise PublishRefused(400, "body is not valid JSON") from None
 
 
 def not_json(name: str) -> None:
     raise ValueError(f"{name} is not JSON")  # NaN and Infinity: Python reads them, browsers do not
+
+
+def finite(text: str) -> float:
+    if not math.isfinite(number := float(text)):  # 1e400 would be read as Infinity
+        raise ValueError(f"{text} is too large")
+    return number
 
 
 def parse_message(message: Any, at: str) -> tuple[str, Any, str, Any]:
@@ -131,7 +144,7 @@ def watch_for_shutdown(gateway: SocketGateway) -> None:
 
     def on_sigterm(signum: int, frame: Any) -> None:
         gateway.shutting_down = True
-        loop.call_soon_threadsafe(gateway.answer_long_polls)
+        loop.call_soon_threadsafe(gateway.sio.answer_long_polls)
         if callable(server_handler):
             server_handler(signum, frame)
 
@@ -178,7 +191,7 @@ def create_app(gateway: SocketGateway, routes: Sequence[BaseRoute] = ()) -> ASGI
     own_routes += [publish_route(gateway)] if gateway.settings.publish_key else []
     http = Starlette(routes=[*own_routes, *routes], lifespan=lifespan)
     socketio_app = socketio.ASGIApp(gateway.sio, other_asgi_app=http, socketio_path=SOCKETIO_PATH)
-    return guard_polling_posts(socketio_app, gateway.settings.max_message_bytes, gateway.settings.ping_timeout)
+    return guard_polling_posts(socketio_app, gateway.settings.max_message_bytes, POST_TIMEOUT)
 
 
 def is_socketio_path(path: str) -> bool:

@@ -103,6 +103,20 @@ def _key_source(source: str, value: str) -> tuple[str | None, tuple[str, ...]]:
     return pem, RSA_ALGORITHMS if isinstance(key, rsa.RSAPublicKey) else EC_ALGORITHMS
 
 
+class HTTPOnlyRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow a provider's redirects to https (to http only from http): never to ftp: or file:, nor down to http."""
+
+    def redirect_request(self, request: Any, fp: Any, code: int, msg: str, headers: Any, url: str) -> Any:
+        if not url.startswith(("https://", "http://" if request.full_url.startswith("http://") else "https://")):
+            raise urllib.error.HTTPError(
+                url, code, "redirect refused: only to https, or to http from http", headers, fp
+            )
+        return super().redirect_request(request, fp, code, msg, headers, url)
+
+
+OPENER = urllib.request.build_opener(HTTPOnlyRedirects)
+
+
 class KeySet:
     """The signing keys published at a JWKS URL, by kid then algorithm, and the fetches that keep them current."""
 
@@ -146,7 +160,7 @@ class KeySet:
         """GET the set (in `timeout` and `max_bytes`): its usable keys, how long to keep them, the keys skipped."""
         deadline, body, keys, skipped = time.monotonic() + self.timeout, b"", dict[Any, dict[str, Key]](), []
         request = urllib.request.Request(self.url, headers={"User-Agent": "socket-gateway"})  # CDNs may refuse urllib
-        with urllib.request.urlopen(request, timeout=self.timeout) as response:  # redirects: as urllib follows them
+        with OPENER.open(request, timeout=self.timeout) as response:
             while chunk := response.read1(64 * 1024):
                 if len(body := body + chunk) > self.max_bytes or time.monotonic() > deadline:
                     raise ValueError(f"document larger than {self.max_bytes} bytes or slower than {self.timeout} s")

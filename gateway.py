@@ -39,7 +39,9 @@ RECOVERY_EVENT = "gateway_offset"  # sent on connect with recovery on: every cli
 RESERVED_EVENTS |= {END_EVENT, RECOVERY_EVENT}
 REFUSALS = {"missing": "missing token", "invalid": "invalid token", "expired": "token expired"}
 REFUSALS["limit"] = "too many connections"
-RECOVERY_MAX_EVENTS = 10_000  # events kept for recovery: per node in memory, per cluster in Redis
+RECOVERY_MAX_EVENTS = 10_000  # events kept for recovery (also at most N seconds): per node, or in Redis per cluster
+RECOVERY_MAX_BYTES = 64 * 2**20  # and in memory, at most these bytes of them
+RECOVERY_MAX_SESSIONS = 100_000  # dropped connections' sessions kept in memory (also at most N seconds)
 OFFSET = re.compile(r"\d{1,20}-\d{1,20}")  # Redis stream ids; in memory "0-<n>"
 CLOSE_TIMEOUT = 5.0  # seconds a connection the server closes has to take its last packets
 YIELD_EVERY = 1000  # recipients served between two turns of the event loop during one emit
@@ -128,19 +130,24 @@ def client_address(scope: Mapping[str, Any]) -> str:
     return f"{client[0]}:{client[1]}" if (client := scope.get("client")) else "unknown"
 
 
-def encode_event(packet_class: type[packet.Packet], namespace: str, data: list[Any]) -> str | list[Any]:
-    """A Socket.IO EVENT packet as python-socketio encodes it, with one json.dumps when there are no bytes; raises
-    TypeError for data that is not JSON (NaN and Infinity included) before anything is sent."""
-    prefix = str(packet.EVENT) if namespace == "/" else f"{packet.EVENT}{namespace},"
+def to_json(data: Any, **options: Any) -> str:
+    """JSON text of `data`; TypeError for anything that is not JSON (NaN, Infinity, too deeply nested included)."""
     try:
-        try:
-            return prefix + strict_dumps(data, separators=(",", ":"))
-        except TypeError:  # bytes, or not JSON at all: python-socketio's binary encoding once the rest is JSON
-            strict_dumps(data, default=lambda value: None if isinstance(value, bytes) else strict_dumps(value))
-            encoded: str | list[Any] = packet_class(packet.EVENT, namespace=namespace, data=data).encode()
-            return encoded
+        return strict_dumps(data, separators=(",", ":"), **options)
     except (ValueError, RecursionError) as error:
         raise TypeError(f"data is not JSON: {error}") from None
+
+
+def encode_event(namespace: str, data: list[Any]) -> str | list[Any]:
+    """A Socket.IO EVENT packet as python-socketio encodes it, with one json.dumps when there are no bytes; raises
+    TypeError for data that is not JSON before anything is sent."""
+    prefix = str(packet.EVENT) if namespace == "/" else f"{packet.EVENT}{namespace},"
+    try:
+        return prefix + to_json(data)
+    except TypeError:  # bytes, or not JSON at all: python-socketio's binary encoding once the rest is JSON
+        to_json(data, default=lambda value: None if isinstance(value, bytes) else strict_dumps(value))
+        encoded: str | list[Any] = packet.Packet(packet.EVENT, namespace=namespace, data=data).encode()
+        return encoded
 
 
 async def bounded(awaitable: Awaitable[Any], seconds: float) -> None:
@@ -163,15 +170,19 @@ class GatewayManager(socketio.AsyncManager):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.full_since: dict[str, float] = {}  # sid -> when an emit first found max_queued packets waiting on it
+        self.offsets = False  # recovery on: an event's last argument is its offset
+        self.delivered = "0-0"  # the newest offset this node delivered (in offset order: see MemoryRecovery.emit)
         self.held: dict[str, list[tuple[Any, Any, list[Any]]]] = {}  # sid -> (room, offset, packets) held back
+        self.marks: dict[str, tuple[int, int]] = {}  # sid -> offset up to which its replay went: later copies go
 
     async def emit(self, event: str, data: Any, namespace: str, room: Any = None, **kwargs: Any) -> None:
         room, skip = kwargs.get("to") or room, kwargs.get("skip_sid")
         if kwargs.get("callback") is not None:
             return await super().emit(event, data, namespace, room, skip, kwargs["callback"])  # type: ignore[no-any-return]
         arguments = list(data) if isinstance(data, tuple) else [] if data is None else [data]  # as python-socketio
-        packet_class = self.server.packet_class if self.server else packet.Packet  # no server: a write-only publisher
-        encoded = encode_event(packet_class, namespace, [event, *arguments])
+        encoded = encode_event(namespace, [event, *arguments])
+        last = arguments[-1] if self.offsets and arguments else None
+        offset = offset_order(last) if isinstance(last, str) and OFFSET.fullmatch(last) else None
         parts = [eio_packet.Packet(eio_packet.MESSAGE, p) for p in ([encoded] if isinstance(encoded, str) else encoded)]
         skip = set(skip) if isinstance(skip, list) else {skip}
         recipients = [(sid, eio_sid) for sid, eio_sid in self.get_participants(namespace, room) if sid not in skip]
@@ -184,8 +195,12 @@ class GatewayManager(socketio.AsyncManager):
                 continue
             any_full = any_full or sid in self.full_since
             if sid in self.held:  # a recovering connection: after its replay
-                self.held[sid].append((room, arguments[-1] if arguments else None, parts))
+                self.held[sid].append((room, offset, parts))
                 continue
+            if offset and (mark := self.marks.get(sid)):  # the replay sent it already (Redis delivers a bit later)
+                if offset <= mark:
+                    continue
+                del self.marks[sid]
             for part in parts:
                 await self.server.eio.send_packet(eio_sid, part)
             if count % YIELD_EVERY == 0:
@@ -193,8 +208,11 @@ class GatewayManager(socketio.AsyncManager):
         for sid in stalled:
             logger.warning("ended %s: its client took nothing for %.0f s", sid, self.stall_seconds)
             await self.server.end(sid, "stalled")
+        if offset and offset > offset_order(self.delivered):
+            self.delivered = str(last)
         for sid, _ in recipients if event == END_EVENT else ():
-            await self.server.end(sid, data.get("reason", "server") if isinstance(data, dict) else "server")
+            ending = arguments[0] if arguments and isinstance(arguments[0], dict) else {}
+            await self.server.end(sid, ending.get("reason", "server"))
         if any_full:
             await asyncio.sleep(0)  # a burst: let the writers of the connections that are behind run first
 
@@ -212,32 +230,39 @@ Missed = tuple[list[tuple[str, str, str]], str]  # (offset, room or "" for every
 
 
 class MemoryRecovery:
-    """One node's recent events and its dropped connections' sessions, for `seconds`, in memory and bounded."""
+    """One node's events of the last `seconds` and its dropped connections' sessions, in memory and bounded."""
 
     def __init__(self, seconds: int) -> None:
-        self.seconds, self.events = seconds, deque[tuple[str, str, str]](maxlen=RECOVERY_MAX_EVENTS)
-        self.trimmed, self.count = (0, 0), 0  # the newest offset pushed out of `events`, the offsets handed out
+        self.seconds, self.events = seconds, deque[tuple[str, str, str, float]]()  # (offset, room, data, when)
+        self.trimmed, self.count, self.bytes = (0, 0), 0, 0  # the newest offset dropped, the offsets handed out
         self.sessions: dict[str, tuple[float, str, list[str]]] = {}  # pid -> (kept until, user id, rooms), in order
+        self.lock = asyncio.Lock()  # offsets are delivered in order, also when a large room yields mid-emit
 
     async def emit(self, manager: GatewayManager, event: str, arguments: list[Any], room: str | None) -> None:
-        payload = strict_dumps([event, *arguments], separators=(",", ":"))  # raises TypeError for bytes too
-        if len(self.events) == self.events.maxlen:
-            self.trimmed = offset_order(self.events[0][0])
-        self.count += 1
-        self.events.append((offset := f"0-{self.count}", room or "", payload))
-        await manager.emit(event, (*arguments, offset), NAMESPACE, room=room)
+        payload = to_json([event, *arguments])  # bytes too raise TypeError: the history keeps JSON
+        async with self.lock:
+            self.count, self.bytes = self.count + 1, self.bytes + len(payload)
+            self.events.append((offset := f"0-{self.count}", room or "", payload, time.monotonic()))
+            while (
+                self.events[0][3] < time.monotonic() - self.seconds
+                or len(self.events) > RECOVERY_MAX_EVENTS
+                or (self.bytes > RECOVERY_MAX_BYTES)
+            ):
+                dropped, _, data, _ = self.events.popleft()
+                self.trimmed, self.bytes = offset_order(dropped), self.bytes - len(data)
+            await manager.emit(event, (*arguments, offset), NAMESPACE, room=room)
 
     async def since(self, offset: str) -> Missed | None:
         """The events after `offset` and the newest offset, or None when some are gone or `offset` is unknown."""
         if not self.trimmed <= offset_order(offset) <= (0, self.count):
             return None
-        return [entry for entry in self.events if offset_order(entry[0]) > offset_order(offset)], f"0-{self.count}"
-
-    async def newest(self) -> str:
-        return f"0-{self.count}"
+        missed = [entry[:3] for entry in self.events if offset_order(entry[0]) > offset_order(offset)]
+        return missed, f"0-{self.count}"
 
     async def keep(self, pid: str, user_id: str, rooms: list[str]) -> None:
-        while self.sessions and next(iter(self.sessions.values()))[0] < time.monotonic():  # the oldest ones first
+        while self.sessions and (
+            len(self.sessions) >= RECOVERY_MAX_SESSIONS or (next(iter(self.sessions.values()))[0] < time.monotonic())
+        ):  # the oldest first
             del self.sessions[next(iter(self.sessions))]
         self.sessions[pid] = (time.monotonic() + self.seconds, user_id, rooms)
 
@@ -250,6 +275,7 @@ class MemoryRecovery:
 
 # XADD and PUBLISH in one step, so that every node delivers events in offset order, and with the same offsets.
 ADD_AND_PUBLISH = """local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'room', ARGV[2], 'd', ARGV[3])
+redis.call('XTRIM', KEYS[1], 'MINID', '~', ARGV[7])
 redis.call('PUBLISH', ARGV[4], (string.gsub(ARGV[5], ARGV[6], id, 1)))
 return id"""
 
@@ -262,10 +288,10 @@ class RedisRecovery:
         self.stream, self.add_and_publish = f"{manager.channel}:events", self.redis.register_script(ADD_AND_PUBLISH)
 
     async def emit(self, manager: GatewayManager, event: str, arguments: list[Any], room: str | None) -> None:
-        payload, placeholder = strict_dumps([event, *arguments], separators=(",", ":")), uuid.uuid4().hex
-        data = [*arguments, placeholder]  # python-socketio's message; no node's own host: all, this one too, deliver it
-        message = {"method": "emit", "event": event, "data": data, "room": room, "namespace": "/", "host_id": "-"}
-        script_arguments = [RECOVERY_MAX_EVENTS, room or "", payload, self.channel, strict_dumps(message), placeholder]
+        payload, placeholder = to_json([event, *arguments]), uuid.uuid4().hex
+        message = pubsub_emit(event, [*arguments, placeholder], room)
+        oldest = f"{int((time.time() - self.seconds) * 1000)}-0"  # the stream's ids are milliseconds
+        script_arguments = [RECOVERY_MAX_EVENTS, room or "", payload, self.channel, message, placeholder, oldest]
         await self.redis_call(self.add_and_publish(keys=[self.stream], args=script_arguments))
 
     async def since(self, offset: str) -> Missed | None:
@@ -282,11 +308,6 @@ class RedisRecovery:
         missed = [(key.decode(), entry[b"room"].decode(), entry[b"d"].decode()) for key, entry in entries]
         return missed, newest
 
-    async def newest(self) -> str:
-        with contextlib.suppress(redis.ResponseError):  # no stream yet: nothing was ever sent
-            return str((await self.redis.xinfo_stream(self.stream))["last-generated-id"].decode())
-        return "0-0"
-
     async def keep(self, pid: str, user_id: str, rooms: list[str]) -> None:
         key, value = f"{self.channel}:session:{pid}", strict_dumps([user_id, rooms])
         await self.redis_call(self.redis.set(key, value, ex=self.seconds))
@@ -302,17 +323,6 @@ class RedisRecovery:
             return await call
         except redis.RedisError as error:
             raise RedisUnavailable(f"redis failed: {type(error).__name__}") from error
-
-
-class RecoveryPacket(packet.Packet):
-    """python-socketio's packet, whose CONNECT reply also carries the connection's private session id (pid)."""
-
-    pids: ClassVar[dict[str, str]] = {}  # sid -> pid, set just before python-socketio builds that reply
-
-    def __init__(self, packet_type: int = packet.EVENT, data: Any = None, *args: Any, **kwargs: Any) -> None:
-        if packet_type == packet.CONNECT and (pid := self.pids.pop(data["sid"], None)):  # python-socketio's reply
-            data = {**data, "pid": pid}
-        super().__init__(packet_type, data, *args, **kwargs)
 
 
 class GatewayMetrics:
@@ -332,10 +342,11 @@ class GatewayMetrics:
 
 
 # ---- The only place the gateway uses python-socketio's and python-engineio's internals --------------------------
-# sio.eio.sockets[...].queue and .closed, sio.manager_initialized, python-engineio's _send_ping tasks, the pub/sub
-# manager's _publish and _listen (the hooks its docstrings tell subclasses to implement), and four AsyncServer
-# methods GatewayServer overrides. Each works around the upstream behaviour its comment names;
-# tests/test_internals.py fails if upstream changes one of them.
+# sio.eio.sockets[...].queue and .closed, sio.environ, sio.manager_initialized, python-engineio's _send_ping tasks,
+# the shape of python-socketio's CONNECT reply and of its pub/sub messages, the pub/sub manager's _publish and _listen
+# (the hooks its docstrings tell subclasses to write), and four AsyncServer methods GatewayServer overrides (asgi.py's
+# guard_polling_posts also catches the KeyError python-engineio raises for a POST to a session it is closing). Each
+# works around the upstream behaviour its comment names; tests/test_internals.py fails if upstream changes one.
 
 
 def queued_packets(sio: socketio.AsyncServer, eio_sid: str) -> int:
@@ -357,6 +368,26 @@ def start_manager(sio: socketio.AsyncServer) -> None:
         sio.manager.initialize()
 
 
+class RecoveryPacket(packet.Packet):
+    """python-socketio's packet, whose CONNECT reply also carries the connection's private session id (pid): the
+    only way in, since python-socketio builds that reply ({"sid": ...}) itself after the connect handler returned."""
+
+    pids: ClassVar[dict[str, str]] = {}  # sid -> pid, set just before python-socketio builds that reply
+
+    def __init__(self, packet_type: int = packet.EVENT, data: Any = None, *args: Any, **kwargs: Any) -> None:
+        if packet_type == packet.CONNECT and (pid := self.pids.pop(data["sid"], None)):  # python-socketio's reply
+            data = {**data, "pid": pid}
+        super().__init__(packet_type, data, *args, **kwargs)
+
+
+def pubsub_emit(event: str, data: list[Any], room: str | None) -> str:
+    """An emit in python-socketio's pub/sub message format, which every node's manager delivers (this one's too:
+    its host id is no node's own), for a message published by the recovery script rather than by the manager."""
+    return strict_dumps(
+        {"method": "emit", "event": event, "data": data, "room": room, "namespace": "/", "host_id": "-"}
+    )
+
+
 class GatewayRedisManager(socketio.AsyncRedisManager, GatewayManager):
     """python-socketio's Redis manager, with timeouts, publish failures raised, and a probe of its subscription."""
 
@@ -366,7 +397,11 @@ class GatewayRedisManager(socketio.AsyncRedisManager, GatewayManager):
             keepalive = {getattr(socket, name): value for name, value in KEEPALIVE if hasattr(socket, name)}
             options |= {"socket_keepalive": True, "socket_keepalive_options": keepalive}  # a vanished Redis: ~25 s
         super().__init__(url, channel=channel, write_only=write_only, redis_options=options)
-        self.publisher = redis.asyncio.Redis.from_url(url, socket_timeout=REDIS_TIMEOUT, **options)
+        # At most 100 connections, each waited for at most REDIS_TIMEOUT: redis-py's default pool raises at once.
+        pool = redis.asyncio.BlockingConnectionPool.from_url(
+            url, timeout=REDIS_TIMEOUT, socket_timeout=REDIS_TIMEOUT, **options
+        )
+        self.publisher = redis.asyncio.Redis(connection_pool=pool)
         self.probes: dict[str, asyncio.Future[None]] = {}  # probe id -> resolved when it came back on the channel
         self.last_problem: str | None = "not probed yet"
 
@@ -385,7 +420,7 @@ class GatewayRedisManager(socketio.AsyncRedisManager, GatewayManager):
                 probe.set_result(None)
             elif text.startswith('{"method": '):  # how python-socketio's messages begin
                 yield message
-            else:
+            elif not text.startswith("gateway-probe:"):  # other nodes' probes pass by
                 logger.warning("ignored a message on %r that is not the gateway's: %.80r", self.channel, text)
 
     async def problem(self) -> str | None:
@@ -415,6 +450,7 @@ class GatewayServer(socketio.AsyncServer):
         super().__init__(*args, **kwargs)
         self.end_reasons: dict[str, str] = {}  # sid -> why the gateway ended it; the disconnect handler pops it
         self.left: set[str] = set()  # sids whose client sent Socket.IO DISCONNECT; the disconnect handler removes it
+        self.closing: set[str] = set()  # Engine.IO sids the server is closing: a CONNECT on them is ignored
         self.tasks: set[asyncio.Task[None]] = set()  # closes under way, referenced until they finish
         self.ping_tasks: dict[str, asyncio.Task[None]] = {}  # Engine.IO sid -> its latest ping task
         self.eio.start_background_task = partial(self.start_tracking_pings, self.eio.start_background_task)
@@ -441,7 +477,7 @@ class GatewayServer(socketio.AsyncServer):
     async def _handle_connect(self, eio_sid: str, namespace: str, data: Any) -> None:
         # python-socketio registers a CONNECT that arrives after its session closed, then fails on its environ
         # and keeps the registration for good (a raw client can send one on a transport the server closed).
-        if eio_sid in self.environ:
+        if eio_sid in self.environ and eio_sid not in self.closing:
             await super()._handle_connect(eio_sid, namespace, data)
 
     async def _handle_eio_message(self, eio_sid: str, data: Any) -> None:
@@ -460,21 +496,32 @@ class GatewayServer(socketio.AsyncServer):
         logger.info("closed the connection of %s: %s", client, problem, extra={"client": client, "reason": "malformed"})
         self.close_transport(eio_sid)
 
-    # ---- end of the internals: everything below uses public APIs only -------------------------------------------
-
     def close_unconnected(self, eio_sid: str) -> None:
         if eio_sid in self.environ and self.manager.sid_from_eio_sid(eio_sid, NAMESPACE) is None:
             logger.info("closed session %s: no Socket.IO CONNECT within %.0f s", eio_sid, self.connect_timeout)
             self.close_transport(eio_sid)
+
+    def answer_long_polls(self) -> None:
+        """On SIGTERM: a pending long-poll answered with a NOOP ends at once; the client's next poll finds us gone."""
+        for eio_sid in list(self.environ):
+            with contextlib.suppress(KeyError):  # a session that is closing
+                if self.eio.transport(eio_sid) == "polling":
+                    self.spawn(self.eio.send_packet(eio_sid, eio_packet.Packet(eio_packet.NOOP)))
+
+    # ---- end of the internals: everything below uses public APIs only -------------------------------------------
 
     def close_transport(self, eio_sid: str) -> None:
         """Close an Engine.IO connection once its client took its last packets, waiting at most CLOSE_TIMEOUT for
         those (python-engineio's own disconnect waits for ever on a client that stopped polling)."""
 
         async def close() -> None:
-            await bounded(all_taken(self, eio_sid), CLOSE_TIMEOUT)
-            await bounded(self.eio.disconnect(eio_sid), 1.0)  # its CLOSE packet: a client that took the rest takes it
+            try:
+                await bounded(all_taken(self, eio_sid), CLOSE_TIMEOUT)
+                await bounded(self.eio.disconnect(eio_sid), 1.0)  # its CLOSE: a client that took the rest takes it
+            finally:
+                self.closing.discard(eio_sid)
 
+        self.closing.add(eio_sid)
         self.spawn(close())
 
     def spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
@@ -579,6 +626,7 @@ class SocketGateway(Emitter):
         seconds, redis_manager = settings.recovery_seconds, isinstance(sio.manager, GatewayRedisManager)
         recovery = RedisRecovery(sio.manager, seconds) if redis_manager else MemoryRecovery(seconds)
         super().__init__(sio.manager, metrics, recovery if seconds else None)
+        self.manager.offsets = bool(seconds)
         self.sio, self.settings = sio, settings
         self.pids: dict[str, str] = {}  # pid -> sid of this node's open connections, with recovery on
         self._deadlines: dict[str, asyncio.TimerHandle] = {}  # sid -> the timer that ends it when its token expires
@@ -588,14 +636,11 @@ class SocketGateway(Emitter):
         sio.on("refresh", self.on_refresh)
 
     def start(self) -> None:
-        """Start the client manager, so a node listens to Redis before its first client arrives."""
+        """Start the client manager, so a node listens to Redis before its first client arrives; and with recovery,
+        the offsets' refresh."""
         start_manager(self.sio)
-
-    def answer_long_polls(self) -> None:
-        """On SIGTERM: a pending long-poll answered with a NOOP ends at once; the client's next poll finds us gone."""
-        for sid, eio_sid in self.manager.get_participants(NAMESPACE, None):
-            if self.sio.transport(sid, NAMESPACE) == "polling":
-                self.sio.spawn(self.sio.eio.send_packet(eio_sid, eio_packet.Packet(eio_packet.NOOP)))
+        if self.recovery:
+            self.sio.spawn(self.refresh_offsets())
 
     async def ready_problem(self) -> str | None:
         """Why this node cannot serve right now, or None."""
@@ -604,13 +649,15 @@ class SocketGateway(Emitter):
         return key_problem(self.settings.jwt) or redis_problem
 
     async def on_connect(self, sid: str, environ: dict[str, Any], auth: Any) -> None:
-        environ.pop("gateway.connect_deadline").cancel()
+        if deadline := environ.pop("gateway.connect_deadline", None):
+            deadline.cancel()
         address = client_address(environ["asgi.scope"])
         try:
             identity = await verify_auth(auth, self.settings.jwt)
         except TokenRefused as refused:
             raise self._refuse(sid, address, refused.reason, refused.detail) from None
         if self.recovery:
+            await self.replace_stale(auth, identity.user_id)
             self.manager.held[sid] = []  # live events wait until what it missed is out
         # Enter first, then count: no await can slip another connection of this user in between.
         await self.sio.enter_room(sid, user_room(identity.user_id), namespace=NAMESPACE)
@@ -629,44 +676,45 @@ class SocketGateway(Emitter):
     async def recover(self, sid: str, user_id: str, auth: dict[str, Any]) -> str:
         """Replay what a reconnecting connection missed if its session can be recovered, then tell every connection
         the offset it holds from now on; return its pid (the same one when recovered). Runs after every refusal."""
-        eio_sid, pid, offset = self.manager.eio_sid_from_sid(sid, NAMESPACE), auth.get("pid"), auth.get("offset")
-        rooms, missed, newest = [user_room(user_id)], None, "0-0"
+        pid, offset, rooms = auth.get("pid"), auth.get("offset"), [user_room(user_id)]
+        kept = found = None
         with contextlib.suppress(RedisUnavailable):  # Redis down: a new session, nothing replayed
-            kept = await self.take_session(pid, offset, user_id)
+            if isinstance(pid, str) and isinstance(offset, str) and OFFSET.fullmatch(offset):
+                kept = await self.recovery.take(pid, user_id)
             for room in kept or []:  # before reading the history: events sent from now on are held, none is lost
                 await self.sio.enter_room(sid, room, namespace=NAMESPACE)
             found = await self.recovery.since(offset) if kept is not None else None
-            rooms += kept or []
-            missed = None if found is None else [(o, data) for o, room, data in found[0] if not room or room in rooms]
-            if missed is None or any(data.startswith(f'["{END_EVENT}",') for _, data in missed):  # or logged out since
-                for room in rooms[1:]:
-                    await self.sio.leave_room(sid, room, namespace=NAMESPACE)
-                rooms, missed = rooms[:1], None
-            newest = found[1] if found and missed is not None else await self.recovery.newest()
-        pid = pid if missed is not None else secrets.token_urlsafe(16)
-        for o, data in [*(missed or []), (newest, f'["{RECOVERY_EVENT}"]')]:  # each event with its offset last
+        rooms += kept or []
+        missed = None if found is None else [(o, data) for o, room, data in found[0] if not room or room in rooms]
+        mark = found[1] if found else self.manager.delivered  # the offset the client holds once this is sent
+        if missed is None or any(data.startswith(f'["{END_EVENT}",') for _, data in missed):  # or logged out since
+            for room in rooms[1:]:
+                await self.sio.leave_room(sid, room, namespace=NAMESPACE)
+            rooms, missed, pid, mark = rooms[:1], [], secrets.token_urlsafe(16), self.manager.delivered
+        eio_sid = self.manager.eio_sid_from_sid(sid, NAMESPACE)
+        for o, data in [*missed, (mark, f'["{RECOVERY_EVENT}"]')]:  # each event with its offset last
             text = f"{packet.EVENT}{data[:-1]},{strict_dumps(o)}]"
             await self.sio.eio.send_packet(eio_sid, eio_packet.Packet(eio_packet.MESSAGE, text))
-        for room, o, parts in self.manager.held.pop(sid):  # then the live events held back, but those replayed
-            replayed = missed and isinstance(o, str) and OFFSET.fullmatch(o) and offset_order(o) <= offset_order(newest)
-            for part in parts if (room is None or room in rooms) and not replayed else []:
+        for room, o, parts in self.manager.held.pop(sid, []):  # then the live events held back, but those it has
+            for part in parts if (room is None or room in rooms) and not (o and o <= offset_order(mark)) else []:
                 await self.sio.eio.send_packet(eio_sid, part)
+        if offset_order(mark) > offset_order(self.manager.delivered):  # Redis delivers some here late: drop them
+            self.manager.marks[sid] = offset_order(mark)
         RecoveryPacket.pids[sid] = pid = str(pid)
         self.pids[pid] = sid
         return pid
 
-    async def take_session(self, pid: Any, offset: Any, user_id: str) -> list[str] | None:
-        """The rooms of a dropped connection's session, if `pid` names one of this user's; it can be taken once."""
-        if not (isinstance(pid, str) and isinstance(offset, str) and OFFSET.fullmatch(offset)):
-            return None
-        old = self.pids.get(pid)  # still open here: it dropped, but its ping has not timed out; ending it keeps it
+    async def replace_stale(self, auth: Any, user_id: str) -> None:
+        """A reconnect with the pid of this user's connection still open here: it dropped, and its ping has not timed
+        out yet. End it, which keeps its session for the new one (and frees its place under the limit)."""
+        pid = auth.get("pid") if isinstance(auth, dict) else None
+        old = self.pids.get(pid) if isinstance(pid, str) else None
         if (
             old
             and self.manager.is_connected(old, NAMESPACE)
             and (await self.sio.get_session(old))["user_id"] == user_id
         ):
             await self.sio.end(old, "replaced")
-        return await self.recovery.take(pid, user_id)  # type: ignore[no-any-return]
 
     async def keep_session(self, sid: str, user_id: str, pid: str) -> None:
         """Keep what a dropped connection needs to be recovered: its user and the rooms it was put in."""
@@ -677,8 +725,19 @@ class SocketGateway(Emitter):
     async def stop(self) -> None:
         """At shutdown, keep the sessions of connections still open, so that they recover, on another node too."""
         for sid, _ in self.manager.get_participants(NAMESPACE, None) if self.recovery else []:
-            session = await self.sio.get_session(sid, namespace=NAMESPACE)
-            await self.keep_session(sid, session["user_id"], session["pid"])
+            with contextlib.suppress(KeyError):  # a connection still connecting (or gone) has no full session yet
+                session = await self.sio.get_session(sid, namespace=NAMESPACE)
+                await self.keep_session(sid, session["user_id"], session["pid"])
+
+    async def refresh_offsets(self) -> None:
+        """Every half window, give each connection the newest offset this node delivered: the offset of a client
+        that receives nothing never gets older than the history it must be found in."""
+        while True:
+            await asyncio.sleep(self.settings.recovery_seconds / 2)
+            delivered, marks = offset_order(self.manager.delivered), self.manager.marks
+            self.manager.marks = marks = {sid: mark for sid, mark in marks.items() if mark > delivered}
+            skip = [*marks, *self.manager.held]  # those catching up keep their own
+            await self.manager.emit(RECOVERY_EVENT, self.manager.delivered, NAMESPACE, skip_sid=skip, ignore_queue=True)
 
     def _refuse(self, sid: str, address: str, reason: str, detail: str) -> Exception:
         """Log a refusal, and close the client's transport once it took the connect_error python-socketio sends."""
@@ -694,7 +753,8 @@ class SocketGateway(Emitter):
         # One namespace: a Socket.IO connection that ends leaves its Engine.IO session nothing to do.
         self.sio.close_transport(self.manager.eio_sid_from_sid(sid, NAMESPACE))
         self._cancel_deadline(sid)
-        self.manager.full_since.pop(sid, None)
+        for sids in (self.manager.full_since, self.manager.marks, self.manager.held):
+            sids.pop(sid, None)
         session = await self.sio.get_session(sid, namespace=NAMESPACE)
         user_id, pid = session.get("user_id"), session.get("pid")
         ended_by = self.sio.end_reasons.pop(sid, None) or ("shutdown" if self.shutting_down else None)

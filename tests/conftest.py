@@ -105,6 +105,7 @@ def server_state(gateway: SocketGateway) -> dict[str, int]:
         "pending connects": len(getattr(gateway.manager, "pending_connect", {})),  # python-socketio 5.18 and later
         "gateway tasks": len(gateway.sio.tasks),
         "stall marks": len(gateway.manager.full_since),
+        "replay marks and held events": len(gateway.manager.marks) + len(gateway.manager.held),
         "expiry timers": len(gateway._deadlines),
         "asyncio tasks": len(asyncio.all_tasks()),
         "file descriptors": len(os.listdir("/proc/self/fd")),

@@ -92,26 +92,39 @@ async def test_an_unknown_engineio_packet_posted_over_polling_is_answered(live):
     await nothing_left(lambda: {"sessions": len(gateway.sio.eio.sockets)} if gateway.sio.eio.sockets else {})
 
 
-@pytest.mark.parametrize("request_kind", ["malformed POST", "unknown packet POST", "long-poll GET"])
-def test_sigterm_ends_plain_uvicorn_promptly_after_a_bad_post_or_with_a_long_poll_pending(request_kind):
-    """`uvicorn asgi:app` without --timeout-graceful-shutdown waits for every request still open."""
-    with gateway_process() as (url, process):
+REQUESTS = ["malformed POST", "unknown packet POST", "long-poll GET", "long-poll GET, no CONNECT", "partial POST",
+            "partial /publish"]
+
+
+@pytest.mark.parametrize("request_kind", REQUESTS)
+def test_sigterm_ends_plain_uvicorn_promptly_whatever_request_is_pending(request_kind):
+    """`uvicorn asgi:app` without --timeout-graceful-shutdown waits for every request still open: each is bounded."""
+    key = "publish-key-" + "k" * 40
+    with gateway_process(env={"GATEWAY_PUBLISH_KEY": key}) as (url, process):
 
         async def scenario() -> None:
             async with aiohttp.ClientSession() as http:
                 session = await Polling(http, url).open()
-                assert await session.post("40" + json.dumps({"token": token("pat")})) == 200
-                assert (await session.poll())[0].startswith("40{")
-                if request_kind == "long-poll GET":  # written to the server's socket, then left waiting there
-                    _, writer = await asyncio.open_connection("127.0.0.1", int(url.rsplit(":", 1)[1]))
-                    writer.write(f"GET /socket.io/?EIO=4&transport=polling&sid={session.sid} HTTP/1.1\r\n"
-                                 f"Host: t\r\n\r\n".encode())
-                    await writer.drain()
-                else:  # before: python-engineio never answered these, and SIGTERM waited for them for ever
+                if request_kind != "long-poll GET, no CONNECT":
+                    assert await session.post("40" + json.dumps({"token": token("pat")})) == 200
+                    assert (await session.poll())[0].startswith("40{")
+                _, writer = await asyncio.open_connection("127.0.0.1", int(url.rsplit(":", 1)[1]))
+                polling = f"/socket.io/?EIO=4&transport=polling&sid={session.sid}"
+                head = {  # each written to the server's socket, then left pending there
+                    "partial POST": f"POST {polling} HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\n42[",
+                    "partial /publish": f"POST /publish HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n"
+                    f"Content-Type: application/json\r\nAuthorization: Bearer {key}\r\n\r\n[",
+                }.get(request_kind, f"GET {polling} HTTP/1.1\r\nHost: t\r\n\r\n")
+                if "POST" in request_kind and "partial" not in request_kind:
+                    # before: python-engineio never answered these, and SIGTERM waited for them for ever
                     body = "4abc" if request_kind == "malformed POST" else "9"
                     assert await asyncio.wait_for(session.post(body), TIMEOUT) in (200, 400)
+                else:
+                    writer.write(head.encode())
+                    await writer.drain()
                 process.send_signal(signal.SIGTERM)
-                await asyncio.wait_for(asyncio.to_thread(process.wait), TIMEOUT)
+                # Bounded by the longest wait a pending request may have: a /publish body's 10 s.
+                await asyncio.wait_for(asyncio.to_thread(process.wait), TIMEOUT + 5)
 
         asyncio.run(scenario())
         assert process.returncode == -signal.SIGTERM
@@ -225,3 +238,23 @@ async def test_a_client_that_stops_reading_is_ended_and_the_others_keep_receivin
         writer.close()  # what python-engineio's writer still held for it goes with the TCP connection
         await nothing_left(lambda: {"sessions": len(gateway.sio.eio.sockets)} if len(gateway.sio.eio.sockets) > 1
                            else {})
+
+
+@pytest.mark.parametrize("transport", ["websocket", "polling"])
+async def test_a_second_connect_after_a_refused_one_leaves_nothing_behind(live, transport):
+    """Before: the refused session was still closing, python-socketio registered the second CONNECT, and the
+    connect handler failed on it: the registration stayed for good."""
+    gateway, url, http = live
+    await Polling(http, url).open()
+    await nothing_left(lambda: {"sessions": len(gateway.sio.eio.sockets)} if gateway.sio.eio.sockets else {})
+    baseline = server_state(gateway)
+    forged = "40" + json.dumps({"token": "forged.token.here"})
+    for _ in range(50):
+        if transport == "polling":
+            await (await Polling(http, url).open()).post(forged, forged)
+        else:
+            reader, writer = await raw_websocket(url)
+            writer.write(client_frame(forged) + client_frame(forged))
+            await writer.drain()
+            writer.close()
+    await nothing_left(lambda: grown_since(baseline, gateway))

@@ -216,7 +216,7 @@ json_and_bytes = st.recursive(
 def test_the_gateways_packet_encoding_is_python_socketios(namespace, event, arguments):
     data = [event, *arguments]
     library = socketio.packet.Packet(socketio.packet.EVENT, namespace=namespace, data=data).encode()
-    assert encode_event(socketio.packet.Packet, namespace, data) == library
+    assert encode_event(namespace, data) == library
 
 
 USERS = ["u1", "u2", "u3"]
@@ -364,7 +364,7 @@ def test_emits_and_python_engineios_own_packets_reach_a_connection_in_the_order_
             if step == "emit":
                 await gateway.manager.emit("e", n, NAMESPACE, room=client.sid)
             elif step == "engine.io":  # as python-socketio's own packets (acks, connect replies) travel
-                encoded = encode_event(gateway.sio.packet_class, NAMESPACE, ["e", n])
+                encoded = encode_event(NAMESPACE, ["e", n])
                 await gateway.sio.eio.send_packet(eio_sid, eio_packet.Packet(eio_packet.MESSAGE, encoded))
             else:
                 await asyncio.sleep(0)

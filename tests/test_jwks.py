@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import itertools
 import json
+import socket
 import logging
 import threading
 import time
@@ -458,6 +459,19 @@ async def test_an_error_status_is_a_failed_fetch(provider):
     provider.status = 500
     async with loaded(provider) as settings:
         assert settings.jwks.problem == "JWKS fetch failing: HTTPError: HTTP Error 500: Internal Server Error"
+
+
+@pytest.mark.parametrize("scheme", ["ftp", "file"])
+async def test_a_redirect_away_from_http_is_refused_and_not_followed(provider, scheme):
+    """urllib follows a 302 to ftp: or file: by itself; the gateway fetches from http(s) only."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+    provider.status, provider.headers = 302, {"Location": f"{scheme}://127.0.0.1:{listener.getsockname()[1]}/keys"}
+    async with loaded(provider) as settings:
+        assert settings.jwks.problem.startswith("JWKS fetch failing: HTTPError: HTTP Error 302")
+    with pytest.raises(TimeoutError):
+        listener.accept()  # nothing ever connected to it
+    listener.close()
 
 
 async def test_a_hanging_provider_never_delays_tokens_of_loaded_keys(provider):

@@ -83,6 +83,16 @@ async def test_a_bad_message_in_a_batch_sends_nothing(live):
         assert await alice.events_until("marker") == []
 
 
+async def test_a_number_too_large_for_a_float_is_400_and_the_batch_sends_nothing(live):
+    """json.loads reads 1e400 as Infinity, which parse_constant never sees; browsers cannot parse it."""
+    url, http = live
+    async with connected(url, "alice") as [alice]:
+        raw = b'[{"user_id": "alice", "event": "first"}, {"user_id": "alice", "event": "n", "data": [1e400]}]'
+        assert (await post(http, url, raw=raw))[0] == 400
+        await post(http, url, {"broadcast": True, "event": "marker"})
+        assert await alice.events_until("marker") == []
+
+
 @pytest.mark.parametrize("depth", [101, 500, 900, 990, 1900])
 async def test_data_nested_too_deeply_is_422_and_the_batch_sends_nothing(live, depth):
     """Before: data that loaded but could not be encoded again answered 500 after earlier messages went out."""

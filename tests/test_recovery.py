@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import logging
 import signal
 import socket
 import struct
@@ -18,8 +19,19 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from asgi import create_app
-from conftest import TIMEOUT, eventually, gateway_process, make_gateway, redis_server, serve, token
-from gateway import RECOVERY_EVENT, RedisUnavailable, redis_publisher, user_room
+from conftest import (
+    TIMEOUT,
+    eventually,
+    gateway_process,
+    grown_since,
+    make_gateway,
+    nothing_left,
+    redis_server,
+    serve,
+    server_state,
+    token,
+)
+from gateway import RECOVERY_EVENT, RedisUnavailable, offset_order, redis_publisher, user_room
 from soak import client_frame, raw_websocket, server_text
 from test_cluster import wait_for_subscribers
 from test_js_clients import SITE_FILES, NodeClient, browser_page, example_page_url, static_site
@@ -468,3 +480,107 @@ async def test_the_official_client_in_chromium_recovers_through_the_example_page
             assert status.endswith("(recovered)")
             messages = [fact["message"] for fact in facts if "message" in fact]
             assert "sent while away" in messages[0] and RECOVERY_EVENT in messages[1]
+
+
+async def test_with_recovery_data_that_is_not_json_raises_type_error_and_sends_nothing(live):
+    gateway, url = live
+    alice = RawClient(url, "alice")
+    await alice.connect()
+    deep: list[Any] = []
+    for _ in range(100_000):
+        deep = [deep]
+    for data in (float("nan"), float("inf"), b"bytes", deep):
+        with pytest.raises(TypeError, match="not JSON"):
+            await gateway.emit_to_user("alice", "bad", data)
+    await gateway.emit_to_user("alice", "marker")
+    await alice.until("marker")
+    assert alice.received == [("marker", [])]
+
+
+async def test_a_fast_reconnect_at_the_connection_limit_takes_the_stale_connections_place():
+    gateway = make_gateway(RECOVERY_SECONDS="60", MAX_CONNECTIONS_PER_USER="1")
+    async with serve(create_app(gateway)) as url:
+        alice = RawClient(url, "alice")
+        await alice.connect()
+        alice.writer.transport.pause_reading()  # the network died; the server does not know yet
+        alice.reader, alice.writer = None, None
+        await alice.connect()
+        assert alice.recovered and gateway.connection_count("alice") == 1
+
+
+async def test_a_logout_is_counted_and_logged_as_a_logout_with_recovery_on(live, caplog):
+    gateway, url = live
+    caplog.set_level(logging.INFO, "gateway")
+    alice = RawClient(url, "alice")
+    await alice.connect()
+    await gateway.disconnect_user("alice")
+    await eventually(lambda: gateway.connection_count("alice") == 0)
+    assert gateway.metrics.registry.get_sample_value("gateway_disconnects_total", {"reason": "logout"}) == 1
+    assert "ended: logout" in caplog.text
+
+
+async def test_history_is_kept_for_the_window_only_and_the_offsets_of_quiet_clients_follow_it():
+    gateway = make_gateway(RECOVERY_SECONDS="2")
+    async with serve(create_app(gateway)) as url:
+        quiet, start = RawClient(url, "quiet"), asyncio.get_running_loop().time()
+        await quiet.connect()
+        first = quiet.offset
+        for n in range(3):  # events for someone else, older than the window by the end
+            await gateway.emit_to_user("someone-else", "e", n)
+        await eventually(lambda: asyncio.get_running_loop().time() > start + 2.5)  # past the window
+        await gateway.emit_to_user("someone-else", "e", 3)
+        assert [entry[0] for entry in gateway.recovery.events] == ["0-4"]  # the three older ones are gone
+        await quiet.until(RECOVERY_EVENT)  # the refresh every half window
+        assert offset_order(quiet.offset) > offset_order(first)
+        quiet.drop()
+        await eventually(lambda: gateway.connection_count("quiet") == 0)
+        await gateway.emit_to_user("quiet", "missed")
+        await quiet.connect()
+        assert quiet.recovered and quiet.received[-1] == ("missed", [])
+
+
+async def test_history_and_sessions_are_bounded_in_memory(monkeypatch):
+    import gateway as gateway_module
+
+    monkeypatch.setattr(gateway_module, "RECOVERY_MAX_BYTES", 1000)
+    monkeypatch.setattr(gateway_module, "RECOVERY_MAX_SESSIONS", 3)
+    gateway = make_gateway(RECOVERY_SECONDS="60")
+    async with serve(create_app(gateway)) as url:
+        for n in range(10):
+            await gateway.broadcast("big", "x" * 300)
+        assert gateway.recovery.bytes <= 1000 and len(gateway.recovery.events) == 3
+        for n in range(5):
+            await dropped_client(gateway, url, f"user{n}")
+        assert len(gateway.recovery.sessions) == 3
+
+
+async def test_a_fresh_client_connects_with_redis_down_and_leaves_nothing_behind():
+    with redis_server() as redis_srv:
+        async with redis_node(redis_srv.url) as (gateway, url):
+            await RawClient(url, "warm-up").connect()  # python-engineio's lazily started tasks
+            redis_srv.kill()
+            baseline = server_state(gateway)
+            for n in range(20):
+                client = RawClient(url, f"fresh{n}")
+                assert "sid" in await client.connect()  # a normal connection: nothing to read from Redis
+                client.drop()
+            await nothing_left(lambda: grown_since(baseline, gateway))
+
+
+async def test_events_published_during_a_reconnect_on_another_node_arrive_once_and_in_order():
+    with redis_server() as redis_srv:
+        async with redis_node(redis_srv.url) as (node_a, url_a), redis_node(redis_srv.url) as (node_b, _):
+            alice = await dropped_client(node_a, url_a, "alice")
+
+            async def publish() -> None:
+                for n in range(2000):
+                    await node_b.broadcast("n", n)
+
+            await node_b.broadcast("n", -1)  # one at least before the reconnect
+            publishing = asyncio.create_task(publish())
+            await alice.connect()
+            await publishing
+            await node_b.broadcast("marker")
+            await alice.until("marker")
+            numbers = [args[0] for event, args in alice.received if event == "n"]
+            assert numbers == list(range(-1, 2000))  # every one, once, in order
