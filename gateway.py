@@ -243,12 +243,9 @@ class MemoryRecovery:
         async with self.lock:
             self.count, self.bytes = self.count + 1, self.bytes + len(payload)
             self.events.append((offset := f"0-{self.count}", room or "", payload, time.monotonic()))
-            while (
-                self.events[0][3] < time.monotonic() - self.seconds
-                or len(self.events) > RECOVERY_MAX_EVENTS
-                or (self.bytes > RECOVERY_MAX_BYTES)
-            ):
-                dropped, _, data, _ = self.events.popleft()
+            too_old, events = time.monotonic() - self.seconds, self.events
+            while events[0][3] < too_old or len(events) > RECOVERY_MAX_EVENTS or self.bytes > RECOVERY_MAX_BYTES:
+                dropped, _, data, _ = events.popleft()
                 self.trimmed, self.bytes = offset_order(dropped), self.bytes - len(data)
             await manager.emit(event, (*arguments, offset), NAMESPACE, room=room)
 
@@ -260,10 +257,9 @@ class MemoryRecovery:
         return missed, f"0-{self.count}"
 
     async def keep(self, pid: str, user_id: str, rooms: list[str]) -> None:
-        while self.sessions and (
-            len(self.sessions) >= RECOVERY_MAX_SESSIONS or (next(iter(self.sessions.values()))[0] < time.monotonic())
-        ):  # the oldest first
-            del self.sessions[next(iter(self.sessions))]
+        sessions, now = self.sessions, time.monotonic()
+        while sessions and (len(sessions) >= RECOVERY_MAX_SESSIONS or next(iter(sessions.values()))[0] < now):
+            del sessions[next(iter(sessions))]  # the oldest first
         self.sessions[pid] = (time.monotonic() + self.seconds, user_id, rooms)
 
     async def take(self, pid: str, user_id: str) -> list[str] | None:
