@@ -17,6 +17,7 @@ from conftest import ROOT, require_program
         ("fanout.py", ("| fan-out, burst: delivered msgs/s |", "| targeted, spaced: server µs per delivered msg |"),
          "node"),
         ("soak.py", ("| 0 |", "| 600 |"), None),
+        ("idle.py", ("| server RSS per connection (KiB) |", "| idle server CPU (% of one core) |"), "node"),
     ],
 )
 def test_benchmark_smoke_mode_runs(script, rows, needs):
