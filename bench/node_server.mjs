@@ -17,7 +17,7 @@ const http = createServer((request, response) => {
   let body = "";
   request.on("data", (chunk) => { body += chunk; });
   request.on("end", async () => {
-    const { kind, count, users } = JSON.parse(body);
+    const { kind, count, users, spacing = 0 } = JSON.parse(body);
     for (let n = 0; n < count; n++) {
       if (kind === "fanout") {
         io.emit("msg", { sent: Date.now() / 1000, text: "x".repeat(60) });
@@ -26,6 +26,9 @@ const http = createServer((request, response) => {
       } else {  // latency: light load, one emit every 5 ms
         io.to(`user:user${Math.floor(Math.random() * users)}`).emit("msg", { sent: Date.now() / 1000 });
         await sleep(5);
+      }
+      for (let turn = 0; turn < spacing; turn++) {  // "spaced": let the event loop turn, as the Python route does
+        await new Promise(setImmediate);
       }
     }
     response.writeHead(200, { "Content-Type": "application/json" }).end(JSON.stringify({ emitted: count }));

@@ -33,11 +33,11 @@ from auth import mint_token
 KINDS = ("accepted", "refused", "reset")
 
 
-def client_frame(text: str) -> bytes:
-    """One masked WebSocket text frame, as a client must send it."""
-    data, mask = text.encode(), os.urandom(4)
+def client_frame(text: str | bytes, opcode: int = 0x1) -> bytes:
+    """One masked WebSocket frame (text unless `opcode` says otherwise), as a client must send it."""
+    data, mask = text.encode() if isinstance(text, str) else text, os.urandom(4)
     length = bytes([0x80 | len(data)]) if len(data) < 126 else bytes([0x80 | 126]) + struct.pack("!H", len(data))
-    return bytes([0x81]) + length + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(data))
+    return bytes([0x80 | opcode]) + length + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(data))
 
 
 CLOSE_FRAME = bytes([0x88, 0x82]) + b"\0\0\0\0" + struct.pack("!H", 1000)  # masked with zeros, status 1000
@@ -58,17 +58,22 @@ async def raw_websocket(url: str, receive_buffer: int = 1 << 16) -> tuple[asynci
     return reader, writer
 
 
-async def server_text(reader: asyncio.StreamReader) -> str:
-    """The next text frame the server sends (server frames are not masked)."""
+async def server_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    """The opcode and payload of the next frame the server sends (server frames are not masked)."""
     opcode, length = await reader.readexactly(2)
     length &= 0x7F
     if length == 126:
         (length,) = struct.unpack("!H", await reader.readexactly(2))
     elif length == 127:
         (length,) = struct.unpack("!Q", await reader.readexactly(8))
-    data = await reader.readexactly(length)
-    if opcode & 0x0F != 1:
-        raise ConnectionError(f"expected a text frame, got opcode {opcode & 0x0F}")
+    return opcode & 0x0F, await reader.readexactly(length)
+
+
+async def server_text(reader: asyncio.StreamReader) -> str:
+    """The next text frame the server sends."""
+    opcode, data = await server_frame(reader)
+    if opcode != 1:
+        raise ConnectionError(f"expected a text frame, got opcode {opcode}")
     return data.decode()
 
 

@@ -14,8 +14,10 @@ from conftest import ROOT, require_program
     [
         ("cluster.py", ("| 1 |", "| 2 |"), "redis-server"),
         ("metrics_overhead.py", ("| 0 |", "| 1 |"), None),
-        ("fanout.py", ("| fan-out delivered msgs/s |", "| targeted delivered msgs/s |"), "node"),
+        ("fanout.py", ("| fan-out, burst: delivered msgs/s |", "| targeted, spaced: server µs per delivered msg |"),
+         "node"),
         ("soak.py", ("| 0 |", "| 600 |"), None),
+        ("idle.py", ("| server RSS per connection (KiB) |", "| idle server CPU (% of one core) |"), "node"),
     ],
 )
 def test_benchmark_smoke_mode_runs(script, rows, needs):
