@@ -171,9 +171,10 @@ class GatewayManager(socketio.AsyncManager):
         super().__init__(*args, **kwargs)
         self.full_since: dict[str, float] = {}  # sid -> when an emit first found max_queued packets waiting on it
         self.offsets = False  # recovery on: an event's last argument is its offset
-        self.delivered = "0-0"  # the newest offset this node delivered (in offset order: see MemoryRecovery.emit)
+        self.delivered = "0-0"  # the newest offset this node delivered (in offset order: see in_order)
         self.held: dict[str, list[tuple[Any, Any, list[Any]]]] = {}  # sid -> (room, offset, packets) held back
         self.marks: dict[str, tuple[int, int]] = {}  # sid -> offset up to which its replay went: later copies go
+        self.in_order = asyncio.Lock()
 
     async def emit(self, event: str, data: Any, namespace: str, room: Any = None, **kwargs: Any) -> None:
         room, skip = kwargs.get("to") or room, kwargs.get("skip_sid")
@@ -187,29 +188,33 @@ class GatewayManager(socketio.AsyncManager):
         skip = set(skip) if isinstance(skip, list) else {skip}
         recipients = [(sid, eio_sid) for sid, eio_sid in self.get_participants(namespace, room) if sid not in skip]
         now, any_full, stalled = time.monotonic(), False, []
-        for count, (sid, eio_sid) in enumerate(recipients, 1):
-            if queued_packets(self.server, eio_sid) < self.max_queued:
-                self.full_since.pop(sid, None)
-            elif now - self.full_since.setdefault(sid, now) > self.stall_seconds:  # took nothing since: stopped reading
-                stalled.append(sid)
-                continue
-            any_full = any_full or sid in self.full_since
-            if sid in self.held:  # a recovering connection: after its replay
-                self.held[sid].append((room, offset, parts))
-                continue
-            if offset and (mark := self.marks.get(sid)):  # the replay sent it already (Redis delivers a bit later)
-                if offset <= mark:
+        # Events with offsets go out one emit at a time, so that a client's offsets only ever grow.
+        async with self.in_order if offset and event != RECOVERY_EVENT else contextlib.nullcontext():
+            for count, (sid, eio_sid) in enumerate(recipients, 1):
+                if queued_packets(self.server, eio_sid) < self.max_queued:
+                    self.full_since.pop(sid, None)
+                elif (
+                    now - self.full_since.setdefault(sid, now) > self.stall_seconds
+                ):  # took nothing since: stopped reading
+                    stalled.append(sid)
                     continue
-                del self.marks[sid]
-            for part in parts:
-                await self.server.eio.send_packet(eio_sid, part)
-            if count % YIELD_EVERY == 0:
-                await asyncio.sleep(0)
+                any_full = any_full or sid in self.full_since
+                if sid in self.held:  # a recovering connection: after its replay
+                    self.held[sid].append((room, offset, parts))
+                    continue
+                if offset and (mark := self.marks.get(sid)):  # the replay sent it already (Redis delivers a bit later)
+                    if offset <= mark:
+                        continue
+                    del self.marks[sid]
+                for part in parts:
+                    await self.server.eio.send_packet(eio_sid, part)
+                if count % YIELD_EVERY == 0:
+                    await asyncio.sleep(0)
+            if offset and offset > offset_order(self.delivered):
+                self.delivered = str(last)
         for sid in stalled:
             logger.warning("ended %s: its client took nothing for %.0f s", sid, self.stall_seconds)
             await self.server.end(sid, "stalled")
-        if offset and offset > offset_order(self.delivered):
-            self.delivered = str(last)
         for sid, _ in recipients if event == END_EVENT else ():
             ending = arguments[0] if arguments and isinstance(arguments[0], dict) else {}
             await self.server.end(sid, ending.get("reason", "server"))
@@ -236,18 +241,17 @@ class MemoryRecovery:
         self.seconds, self.events = seconds, deque[tuple[str, str, str, float]]()  # (offset, room, data, when)
         self.trimmed, self.count, self.bytes = (0, 0), 0, 0  # the newest offset dropped, the offsets handed out
         self.sessions: dict[str, tuple[float, str, list[str]]] = {}  # pid -> (kept until, user id, rooms), in order
-        self.lock = asyncio.Lock()  # offsets are delivered in order, also when a large room yields mid-emit
 
     async def emit(self, manager: GatewayManager, event: str, arguments: list[Any], room: str | None) -> None:
         payload = to_json([event, *arguments])  # bytes too raise TypeError: the history keeps JSON
-        async with self.lock:
-            self.count, self.bytes = self.count + 1, self.bytes + len(payload)
-            self.events.append((offset := f"0-{self.count}", room or "", payload, time.monotonic()))
-            too_old, events = time.monotonic() - self.seconds, self.events
-            while events[0][3] < too_old or len(events) > RECOVERY_MAX_EVENTS or self.bytes > RECOVERY_MAX_BYTES:
-                dropped, _, data, _ = events.popleft()
-                self.trimmed, self.bytes = offset_order(dropped), self.bytes - len(data)
-            await manager.emit(event, (*arguments, offset), NAMESPACE, room=room)
+        # No await from here to the delivery's lock (GatewayManager.in_order): offsets go out in the order given.
+        self.count, self.bytes = self.count + 1, self.bytes + len(payload)
+        self.events.append((offset := f"0-{self.count}", room or "", payload, time.monotonic()))
+        too_old, events = time.monotonic() - self.seconds, self.events
+        while events[0][3] < too_old or len(events) > RECOVERY_MAX_EVENTS or self.bytes > RECOVERY_MAX_BYTES:
+            dropped, _, data, _ = events.popleft()
+            self.trimmed, self.bytes = offset_order(dropped), self.bytes - len(data)
+        await manager.emit(event, (*arguments, offset), NAMESPACE, room=room)
 
     async def since(self, offset: str) -> Missed | None:
         """The events after `offset` and the newest offset, or None when some are gone or `offset` is unknown."""
@@ -730,9 +734,13 @@ class SocketGateway(Emitter):
         that receives nothing never gets older than the history it must be found in."""
         while True:
             await asyncio.sleep(self.settings.recovery_seconds / 2)
-            delivered, marks = offset_order(self.manager.delivered), self.manager.marks
-            self.manager.marks = marks = {sid: mark for sid, mark in marks.items() if mark > delivered}
-            skip = [*marks, *self.manager.held]  # those catching up keep their own
+            await self.send_offsets()
+
+    async def send_offsets(self) -> None:
+        delivered, marks = offset_order(self.manager.delivered), self.manager.marks
+        self.manager.marks = marks = {sid: mark for sid, mark in marks.items() if mark > delivered}
+        skip = [*marks, *self.manager.held]  # those catching up keep their own
+        async with self.manager.in_order:  # never in the middle of an emit that some have got and others not yet
             await self.manager.emit(RECOVERY_EVENT, self.manager.delivered, NAMESPACE, skip_sid=skip, ignore_queue=True)
 
     def _refuse(self, sid: str, address: str, reason: str, detail: str) -> Exception:

@@ -584,3 +584,27 @@ async def test_events_published_during_a_reconnect_on_another_node_arrive_once_a
             await alice.until("marker")
             numbers = [args[0] for event, args in alice.received if event == "n"]
             assert numbers == list(range(-1, 2000))  # every one, once, in order
+
+
+async def test_the_offset_refresh_never_lands_in_the_middle_of_an_emit(live, monkeypatch):
+    """A large room's emit yields to the loop; a refresh then must not tell those already served an older offset."""
+    import gateway as gateway_module
+
+    gateway, url = live
+    monkeypatch.setattr(gateway_module, "YIELD_EVERY", 1)
+    clients = [RawClient(url, f"user{n}") for n in range(3)]
+    for client in clients:
+        await client.connect()
+    emitting = asyncio.create_task(gateway.broadcast("e", 1))
+    await asyncio.sleep(0)  # the broadcast has served its first recipient and yields
+    await gateway.send_offsets()
+    await emitting
+    await gateway.broadcast("marker")
+    for client in clients:
+        offsets = []
+        while (text := await client.text()) != "":
+            event, args = json.loads(text[2:])[0], json.loads(text[2:])[1:]
+            offsets.append(args[-1])
+            if event == "marker":
+                break
+        assert offsets == sorted(offsets, key=offset_order), offsets  # never backwards
