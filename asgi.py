@@ -191,7 +191,7 @@ def create_app(gateway: SocketGateway, routes: Sequence[BaseRoute] = ()) -> ASGI
     own_routes += [publish_route(gateway)] if gateway.settings.publish_key else []
     http = Starlette(routes=[*own_routes, *routes], lifespan=lifespan)
     socketio_app = socketio.ASGIApp(gateway.sio, other_asgi_app=http, socketio_path=SOCKETIO_PATH)
-    return guard_polling_posts(socketio_app, gateway.settings.max_message_bytes, POST_TIMEOUT)
+    return guard_polling_posts(socketio_app, gateway.settings.max_message_bytes, POST_TIMEOUT, gateway.sio.tasks)
 
 
 def is_socketio_path(path: str) -> bool:
@@ -199,12 +199,14 @@ def is_socketio_path(path: str) -> bool:
     return (path if path.endswith("/") else path + "/").startswith(SOCKETIO_PATH)
 
 
-def guard_polling_posts(app: ASGIApp, max_bytes: int, seconds: float) -> ASGIApp:
+def guard_polling_posts(app: ASGIApp, max_bytes: int, seconds: float, tasks: set[Any]) -> ASGIApp:
     """Answer 413 to a long-polling POST announcing more than `max_bytes` (or no length) before reading its body,
     and 400 to one that python-engineio has not answered within `seconds` or failed on.
 
     python-engineio checks the length only after the first body chunk; on some client errors it waits for the
-    client's next poll before answering the POST, and a POST to a session it is closing raises KeyError.
+    client's next poll before answering the POST, and a POST to a session it is closing raises KeyError. What it
+    does for the POST goes on after the answer (in a task kept in `tasks`): python-socketio reads a connect handler
+    that was cancelled as one that accepted the connection.
     """
 
     async def guarded(scope: Scope, receive: Receive, send: Send) -> None:
@@ -212,18 +214,22 @@ def guard_polling_posts(app: ASGIApp, max_bytes: int, seconds: float) -> ASGIApp
             return await app(scope, receive, send)
         if not (length := dict(scope["headers"]).get(b"content-length", b"")).isdigit() or int(length) > max_bytes:
             return await PlainTextResponse(f"a message is at most {max_bytes} bytes", 413)(scope, receive, send)
-        started = False
+        started = answered = False
 
         async def noting_send(message: Message) -> None:
             nonlocal started
             started = started or message["type"] == "http.response.start"
-            await send(message)
+            if not answered:  # python-engineio's own answer, unless it came too late
+                await send(message)
 
-        try:
-            await asyncio.wait_for(app(scope, receive, noting_send), seconds)
-        except (TimeoutError, KeyError):
-            if not started:
-                await PlainTextResponse("session closed or not answered in time", 400)(scope, receive, send)
+        handling = asyncio.ensure_future(app(scope, receive, noting_send))
+        tasks.add(handling)
+        handling.add_done_callback(tasks.discard)
+        with contextlib.suppress(TimeoutError, KeyError):
+            await asyncio.wait_for(asyncio.shield(handling), seconds)
+        if not started:
+            answered = True
+            await PlainTextResponse("session closed or not answered in time", 400)(scope, receive, send)
 
     return guarded
 

@@ -248,7 +248,9 @@ class MemoryRecovery:
         self.count, self.bytes = self.count + 1, self.bytes + len(payload)
         self.events.append((offset := f"0-{self.count}", room or "", payload, time.monotonic()))
         too_old, events = time.monotonic() - self.seconds, self.events
-        while events[0][3] < too_old or len(events) > RECOVERY_MAX_EVENTS or self.bytes > RECOVERY_MAX_BYTES:
+        while events and (
+            events[0][3] < too_old or len(events) > RECOVERY_MAX_EVENTS or self.bytes > RECOVERY_MAX_BYTES
+        ):
             dropped, _, data, _ = events.popleft()
             self.trimmed, self.bytes = offset_order(dropped), self.bytes - len(data)
         await manager.emit(event, (*arguments, offset), NAMESPACE, room=room)
@@ -359,6 +361,11 @@ async def all_taken(sio: socketio.AsyncServer, eio_sid: str) -> None:
     """Wait until the client took every packet queued for it: python-engineio's close makes them unreachable."""
     if (engineio_socket := sio.eio.sockets.get(eio_sid)) is not None and not engineio_socket.closed:
         await engineio_socket.queue.join()
+
+
+def session_open(sio: socketio.AsyncServer, eio_sid: str) -> bool:
+    """python-socketio forgets a session's environ when it closes: a CONNECT still being checked is then pending."""
+    return eio_sid in sio.environ
 
 
 def start_manager(sio: socketio.AsyncServer) -> None:
@@ -665,6 +672,10 @@ class SocketGateway(Emitter):
             self.manager.held.pop(sid, None)
             raise self._refuse(sid, address, "limit", f"user {identity.user_id!r} has {connections - 1} connections")
         pid = await self.recover(sid, identity.user_id, auth) if self.recovery else None
+        if not session_open(self.sio, self.manager.eio_sid_from_sid(sid, NAMESPACE)):  # it closed while this waited
+            RecoveryPacket.pids.pop(sid, None)
+            self.pids.pop(str(pid), None)
+            raise socketio.exceptions.ConnectionRefusedError("gone")  # python-socketio forgets it then
         session = {"user_id": identity.user_id} | ({"pid": pid} if pid else {})
         await self.sio.save_session(sid, session, namespace=NAMESPACE)
         self._end_at(sid, identity.expires_at)

@@ -38,6 +38,7 @@ from auth import (
     stop_key_refresh,
     verify_auth,
 )
+from soak import client_frame, raw_websocket
 from conftest import TIMEOUT, Client, eventually, free_port, make_gateway, refusal, serve
 from test_auth import check
 from test_js_clients import NodeClient
@@ -125,6 +126,7 @@ class Provider:
         self.headers: dict[str, str] = {}
         self.hang = False
         self.released = threading.Event()
+        self.slow = threading.Event()  # set: answer only once `released` is set (a provider that takes its time)
         self.requests: list[tuple[float, str]] = []  # (time.monotonic(), path) of every request
         self.port = free_port()
         self.server: ThreadingHTTPServer | None = None
@@ -142,9 +144,10 @@ class Provider:
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 provider.requests.append((time.monotonic(), self.path))
-                if provider.hang:
+                if provider.hang or provider.slow.is_set():
                     provider.released.wait(TIMEOUT * 3)
-                    return
+                    if provider.hang:
+                        return
                 document = provider.document
                 body = document if isinstance(document, bytes) else json.dumps(document).encode()
                 self.send_response(provider.status)
@@ -498,7 +501,8 @@ async def test_a_hanging_provider_at_start_up_delays_the_start_by_the_fetch_time
     settings = quicken(load_jwt_settings(Config(environ=jwks_env(provider))), timeout=0.5)
     await asyncio.wait_for(start_key_refresh(settings), TIMEOUT)
     try:
-        assert settings.jwks.problem == "JWKS fetch failing: TimeoutError: "
+        # asyncio's bound or, when the thread's socket gives up first, urllib's own: either says it timed out
+        assert settings.jwks.problem in ("JWKS fetch failing: TimeoutError: ", "JWKS fetch failing: TimeoutError: timed out")
         with pytest.raises(TokenRefused):
             check({"token": provider_token(RS, "key-1")}, settings)
     finally:
@@ -604,3 +608,44 @@ async def test_the_official_javascript_client_connects_with_a_provider_token(pro
             assert error == {"connect_error": "invalid token", "data": {"reason": "invalid"}}
         finally:
             await stranger.close()
+
+
+async def test_a_connect_checked_longer_than_a_polling_post_may_wait_is_still_refused(provider, monkeypatch):
+    """The POST is answered in time, but the check goes on: python-socketio reads a cancelled connect handler as
+    an accepted connection, so a forged token waiting for a JWKS fetch must never be cut short."""
+    import asgi
+
+    monkeypatch.setattr(asgi, "POST_TIMEOUT", 0.5)
+    gateway = make_gateway(**jwks_env(provider))
+    quicken(gateway.settings.jwt, timeout=2)  # a fetch that hangs gives up after 2 s
+    async with serve(create_app(gateway)) as url, aiohttp.ClientSession() as http:
+        await started(gateway)
+        provider.hang = True
+        async with http.get(f"{url}/socket.io/?EIO=4&transport=polling") as response:
+            sid = json.loads((await response.text())[1:])["sid"]
+        forged = provider_token(ATTACKER, "an-unknown-kid", user="mallory")
+        polling = f"{url}/socket.io/?EIO=4&transport=polling&sid={sid}"
+        async with http.post(polling, data="40" + json.dumps({"token": forged})) as response:
+            assert response.status == 400  # not answered within the POST's bound
+        async with http.get(polling) as response:
+            answer = await response.text()  # the check ended: the connect_error
+        assert answer.startswith("44") and gateway.connection_count("mallory") == 0, answer
+        provider.released.set()
+
+
+async def test_a_session_that_closes_while_its_connect_is_checked_leaves_nothing(provider):
+    """A WebSocket's reader waits for the connect handler, so its pongs go unread: the session closes mid-check."""
+    gateway = make_gateway(PING_INTERVAL="1", PING_TIMEOUT="1", **jwks_env(provider))
+    quicken(gateway.settings.jwt, timeout=4)  # longer than ping interval + timeout
+    async with serve(create_app(gateway)) as url:
+        await started(gateway)
+        provider.slow.set()
+        reader, writer = await raw_websocket(url)
+        writer.write(client_frame("40" + json.dumps({"token": provider_token(KEYS["RS256"], "rotated-in")})))
+        await writer.drain()
+        await eventually(lambda: not gateway.sio.eio.sockets)  # closed by its ping timeout while the check waits
+        provider.publish(public_jwk(KEYS["RS256"], "key-1"), public_jwk(KEYS["RS256"], "rotated-in"))
+        provider.released.set()  # the fetch ends with the token's key: the check passes, on a closed session
+        await eventually(lambda: gateway.settings.jwt.jwks.keys.get("rotated-in") is not None)
+        await eventually(lambda: not gateway.manager.rooms.get("/") and not getattr(gateway.manager, "pending_connect", {}))
+        writer.close()
