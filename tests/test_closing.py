@@ -158,20 +158,13 @@ async def test_the_size_guard_covers_exactly_the_paths_python_engineio_serves(li
 
 
 async def test_a_session_that_answers_pings_but_never_connects_is_closed(live):
-    gateway, url, _ = live
-    reader, writer = await raw_websocket(url)
-    assert (await server_text(reader)).startswith("0{")
-    while True:  # answer every ping, send nothing else: before, the session lived as long as the client did
-        try:
-            text = await asyncio.wait_for(server_text(reader), TIMEOUT)
-        except (asyncio.IncompleteReadError, ConnectionError):
-            break  # the server closed the WebSocket
-        if text == "2":
-            writer.write(client_frame("3"))
-        elif text == "1":  # Engine.IO CLOSE
-            break
+    """Before, the session lived as long as its client answered pings (over long-polling: no WebSocket keepalive)."""
+    gateway, url, http = live
+    session = await Polling(http, url).open()
+    while (packets := await asyncio.wait_for(session.poll(), TIMEOUT)) not in (["1"], ["status 400"]):
+        if "2" in packets:  # answer every ping, send nothing else
+            await session.post("3")
     await nothing_left(lambda: {"sessions": len(gateway.sio.eio.sockets)} if gateway.sio.eio.sockets else {})
-    writer.close()
 
 
 @pytest.mark.parametrize("ended_by", ["logout", "token_expired"])
