@@ -138,6 +138,11 @@ def to_json(data: Any, **options: Any) -> str:
         raise TypeError(f"data is not JSON: {error}") from None
 
 
+def event_arguments(data: Any) -> list[Any]:
+    """An emit's data as the event's arguments, as python-socketio reads it: a tuple is several, None is none."""
+    return list(data) if isinstance(data, tuple) else [] if data is None else [data]
+
+
 def encode_event(namespace: str, data: list[Any]) -> str | list[Any]:
     """A Socket.IO EVENT packet as python-socketio encodes it, with one json.dumps when there are no bytes; raises
     TypeError for data that is not JSON before anything is sent."""
@@ -180,7 +185,7 @@ class GatewayManager(socketio.AsyncManager):
         room, skip = kwargs.get("to") or room, kwargs.get("skip_sid")
         if kwargs.get("callback") is not None:
             return await super().emit(event, data, namespace, room, skip, kwargs["callback"])  # type: ignore[no-any-return]
-        arguments = list(data) if isinstance(data, tuple) else [] if data is None else [data]  # as python-socketio
+        arguments = event_arguments(data)
         encoded = encode_event(namespace, [event, *arguments])
         last = arguments[-1] if self.offsets and arguments else None
         offset = offset_order(last) if isinstance(last, str) and OFFSET.fullmatch(last) else None
@@ -245,9 +250,9 @@ class MemoryRecovery:
     async def emit(self, manager: GatewayManager, event: str, arguments: list[Any], room: str | None) -> None:
         payload = to_json([event, *arguments])  # bytes too raise TypeError: the history keeps JSON
         # No await from here to the delivery's lock (GatewayManager.in_order): offsets go out in the order given.
-        self.count, self.bytes = self.count + 1, self.bytes + len(payload)
-        self.events.append((offset := f"0-{self.count}", room or "", payload, time.monotonic()))
-        too_old, events = time.monotonic() - self.seconds, self.events
+        self.count, self.bytes, now = self.count + 1, self.bytes + len(payload), time.monotonic()
+        self.events.append((offset := f"0-{self.count}", room or "", payload, now))
+        too_old, events = now - self.seconds, self.events
         while events and (
             events[0][3] < too_old or len(events) > RECOVERY_MAX_EVENTS or self.bytes > RECOVERY_MAX_BYTES
         ):
@@ -266,7 +271,7 @@ class MemoryRecovery:
         sessions, now = self.sessions, time.monotonic()
         while sessions and (len(sessions) >= RECOVERY_MAX_SESSIONS or next(iter(sessions.values()))[0] < now):
             del sessions[next(iter(sessions))]  # the oldest first
-        self.sessions[pid] = (time.monotonic() + self.seconds, user_id, rooms)
+        self.sessions[pid] = (now + self.seconds, user_id, rooms)
 
     async def take(self, pid: str, user_id: str) -> list[str] | None:
         """The rooms of a session of this user, which can be taken once; None for any other pid or user."""
@@ -316,9 +321,9 @@ class RedisRecovery:
 
     async def take(self, pid: str, user_id: str) -> list[str] | None:
         key = f"{self.channel}:session:{pid}"
-        if (session := await self.redis_call(self.redis.get(key))) is None or json.loads(session)[0] != user_id:
+        if (found := await self.redis_call(self.redis.get(key))) is None or (kept := json.loads(found))[0] != user_id:
             return None
-        return json.loads(session)[1] if await self.redis_call(self.redis.delete(key)) == 1 else None  # taken once
+        return kept[1] if await self.redis_call(self.redis.delete(key)) == 1 else None  # taken once
 
     async def redis_call(self, call: Awaitable[Any]) -> Any:
         try:
@@ -593,8 +598,7 @@ class Emitter:
     async def _emit(self, event: str, data: Any, room: str | None, kind: str) -> None:
         # The one place that emits: python-socketio reads a falsy room as "everyone", so only broadcast() passes None.
         if self.recovery:  # the event gets its offset (its last argument) and a place in the history
-            arguments = list(data) if isinstance(data, tuple) else [] if data is None else [data]
-            await self.recovery.emit(self.manager, event, arguments, room)
+            await self.recovery.emit(self.manager, event, event_arguments(data), room)
         else:
             await self.manager.emit(event, data, namespace=NAMESPACE, room=room)
         self.metrics.emitted.labels(kind).inc()
