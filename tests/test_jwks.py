@@ -40,7 +40,7 @@ from auth import (
 )
 from soak import client_frame, raw_websocket
 from conftest import TIMEOUT, Client, eventually, free_port, make_gateway, refusal, serve
-from test_auth import check
+from test_auth import b64, check
 from test_js_clients import NodeClient
 
 pytestmark = pytest.mark.anyio
@@ -95,10 +95,6 @@ def public_jwk(key: Any, kid: str | None, algorithm: str | None = "default", **f
     if algorithm is not None:
         published["alg"] = algorithm_of(key) if algorithm == "default" else algorithm
     return published | ({"kid": kid} if kid is not None else {}) | {"use": "sig"} | fields
-
-
-def b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
 def provider_token(
