@@ -11,7 +11,6 @@ import re
 import secrets
 import socket
 import time
-import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Coroutine, Mapping
 from functools import partial
@@ -144,15 +143,13 @@ def event_arguments(data: Any) -> list[Any]:
 
 
 def encode_event(namespace: str, data: list[Any]) -> str | list[Any]:
-    """A Socket.IO EVENT packet as python-socketio encodes it, with one json.dumps when there are no bytes; raises
-    TypeError for data that is not JSON before anything is sent."""
+    """An EVENT packet as python-socketio encodes it (one json.dumps without bytes); TypeError if data is not JSON."""
     prefix = str(packet.EVENT) if namespace == "/" else f"{packet.EVENT}{namespace},"
     try:
         return prefix + to_json(data)
     except TypeError:  # bytes, or not JSON at all: python-socketio's binary encoding once the rest is JSON
         to_json(data, default=lambda value: None if isinstance(value, bytes) else strict_dumps(value))
-        encoded: str | list[Any] = packet.Packet(packet.EVENT, namespace=namespace, data=data).encode()
-        return encoded
+        return packet.Packet(packet.EVENT, namespace=namespace, data=data).encode()  # type: ignore[no-any-return]
 
 
 async def bounded(awaitable: Awaitable[Any], seconds: float) -> None:
@@ -162,13 +159,11 @@ async def bounded(awaitable: Awaitable[Any], seconds: float) -> None:
 
 
 class GatewayManager(socketio.AsyncManager):
-    """python-socketio's in-memory client manager, delivering an emit with one encode and no task per recipient.
+    """python-socketio's in-memory client manager, delivering an emit with one encode and no task per recipient."""
 
-    python-socketio's own emit starts an asyncio task per recipient; here the packet is encoded once and handed to
-    each recipient's Engine.IO connection with `send_packet`, whose writer task sends it. Emits with an ack callback
-    keep python-socketio's path. END_EVENT sent to a room also ends the connections in it: that is how a logout
-    reaches every node, since the Redis manager below delivers through this class.
-    """
+    # python-socketio's emit starts a task per recipient; here each recipient's Engine.IO connection gets the packet
+    # from `send_packet` and its writer task sends it (emits with an ack callback keep python-socketio's path).
+    # END_EVENT sent to a room also ends its connections: that is how a logout reaches every node.
 
     max_queued, stall_seconds = 1000, 20.0  # set by create_server from the settings
 
@@ -198,9 +193,7 @@ class GatewayManager(socketio.AsyncManager):
             for count, (sid, eio_sid) in enumerate(recipients, 1):
                 if queued_packets(self.server, eio_sid) < self.max_queued:
                     self.full_since.pop(sid, None)
-                elif (
-                    now - self.full_since.setdefault(sid, now) > self.stall_seconds
-                ):  # took nothing since: stopped reading
+                elif now - self.full_since.setdefault(sid, now) > self.stall_seconds:  # stopped reading
                     stalled.append(sid)
                     continue
                 any_full = any_full or sid in self.full_since
@@ -295,7 +288,7 @@ class RedisRecovery:
         self.stream, self.add_and_publish = f"{manager.channel}:events", self.redis.register_script(ADD_AND_PUBLISH)
 
     async def emit(self, manager: GatewayManager, event: str, arguments: list[Any], room: str | None) -> None:
-        payload, placeholder = to_json([event, *arguments]), uuid.uuid4().hex
+        payload, placeholder = to_json([event, *arguments]), secrets.token_hex(16)
         message = pubsub_emit(event, [*arguments, placeholder], room)
         oldest = f"{int((time.time() - self.seconds) * 1000)}-0"  # the stream's ids are milliseconds
         script_arguments = [RECOVERY_MAX_EVENTS, room or "", payload, self.channel, message, placeholder, oldest]
@@ -381,8 +374,9 @@ def start_manager(sio: socketio.AsyncServer) -> None:
 
 
 class RecoveryPacket(packet.Packet):
-    """python-socketio's packet, whose CONNECT reply also carries the connection's private session id (pid): the
-    only way in, since python-socketio builds that reply ({"sid": ...}) itself after the connect handler returned."""
+    """python-socketio's packet, whose CONNECT reply also carries the connection's private session id (pid)."""
+
+    # The only way in: python-socketio builds that reply ({"sid": ...}) itself, after the connect handler returned.
 
     pids: ClassVar[dict[str, str]] = {}  # sid -> pid, set just before python-socketio builds that reply
 
@@ -393,11 +387,9 @@ class RecoveryPacket(packet.Packet):
 
 
 def pubsub_emit(event: str, data: list[Any], room: str | None) -> str:
-    """An emit in python-socketio's pub/sub message format, which every node's manager delivers (this one's too:
-    its host id is no node's own), for a message published by the recovery script rather than by the manager."""
-    return strict_dumps(
-        {"method": "emit", "event": event, "data": data, "room": room, "namespace": "/", "host_id": "-"}
-    )
+    """An emit in python-socketio's pub/sub format, for the recovery script to publish; every node delivers it."""
+    message = {"method": "emit", "event": event, "data": data, "room": room, "namespace": "/", "host_id": "-"}
+    return strict_dumps(message)  # host id "-" is no node's own, so this node delivers it too
 
 
 class GatewayRedisManager(socketio.AsyncRedisManager, GatewayManager):
@@ -410,9 +402,8 @@ class GatewayRedisManager(socketio.AsyncRedisManager, GatewayManager):
             options |= {"socket_keepalive": True, "socket_keepalive_options": keepalive}  # a vanished Redis: ~25 s
         super().__init__(url, channel=channel, write_only=write_only, redis_options=options)
         # At most 100 connections, each waited for at most REDIS_TIMEOUT: redis-py's default pool raises at once.
-        pool = redis.asyncio.BlockingConnectionPool.from_url(
-            url, timeout=REDIS_TIMEOUT, socket_timeout=REDIS_TIMEOUT, **options
-        )
+        pool_options = options | {"timeout": REDIS_TIMEOUT, "socket_timeout": REDIS_TIMEOUT}
+        pool = redis.asyncio.BlockingConnectionPool.from_url(url, **pool_options)
         self.publisher = redis.asyncio.Redis(connection_pool=pool)
         self.probes: dict[str, asyncio.Future[None]] = {}  # probe id -> resolved when it came back on the channel
         self.last_problem: str | None = "not probed yet"
@@ -437,7 +428,7 @@ class GatewayRedisManager(socketio.AsyncRedisManager, GatewayManager):
 
     async def problem(self) -> str | None:
         """Why this node's subscription does not work: a probe it publishes on the channel must come back to it."""
-        probe_id, problem = f"gateway-probe:{uuid.uuid4().hex}", None
+        probe_id, problem = f"gateway-probe:{secrets.token_hex(16)}", None
         self.probes[probe_id] = asyncio.get_running_loop().create_future()
         try:
             await asyncio.wait_for(self.publisher.publish(self.channel, probe_id), REDIS_TIMEOUT)
@@ -523,8 +514,8 @@ class GatewayServer(socketio.AsyncServer):
     # ---- end of the internals: everything below uses public APIs only -------------------------------------------
 
     def close_transport(self, eio_sid: str) -> None:
-        """Close an Engine.IO connection once its client took its last packets, waiting at most CLOSE_TIMEOUT for
-        those (python-engineio's own disconnect waits for ever on a client that stopped polling)."""
+        """Close an Engine.IO connection once its client took its last packets, or after CLOSE_TIMEOUT."""
+        # python-engineio's own disconnect waits for ever on a client that stopped polling.
 
         async def close() -> None:
             try:
@@ -552,22 +543,19 @@ def create_server(settings: Settings) -> GatewayServer:
     redis_url, channel = settings.redis_url, settings.redis_channel
     manager = GatewayRedisManager(redis_url, channel) if redis_url else GatewayManager()
     manager.max_queued, manager.stall_seconds = settings.max_queued_messages, settings.ping_timeout
-    options: dict[str, Any] = {
-        "cors_allowed_origins": settings.cors_origins,
-        "transports": settings.transports,
-        "async_mode": "asgi",
-    }
+    options: dict[str, Any] = {"async_mode": "asgi", "serializer": RecoveryPacket, "transports": settings.transports}
     options |= {"ping_interval": settings.ping_interval, "ping_timeout": settings.ping_timeout}
-    options |= {"max_http_buffer_size": settings.max_message_bytes, "serializer": RecoveryPacket}
+    options |= {"max_http_buffer_size": settings.max_message_bytes, "cors_allowed_origins": settings.cors_origins}
     server = GatewayServer(client_manager=manager, **options)
     server.connect_timeout = settings.ping_interval + settings.ping_timeout
     return server
 
 
 class Emitter:
-    """Reach users, rooms or everyone through a client manager: the gateway's own (this node, and the others through
-    Redis), or a write-only Redis one for a process that runs no server (`redis_publisher`). With Redis, each method
-    raises RedisUnavailable when Redis did not take the message."""
+    """Reach users, rooms or everyone; with Redis, a method raises RedisUnavailable if Redis did not take it."""
+
+    # Through the gateway's own client manager (this node, and the others through Redis), or through a write-only
+    # Redis one for a process that runs no server (redis_publisher).
 
     def __init__(self, manager: Any, metrics: GatewayMetrics | None = None, recovery: Any = None) -> None:
         self.manager, self.metrics, self.recovery = manager, metrics or GatewayMetrics(), recovery
@@ -623,8 +611,7 @@ class Emitter:
 def redis_publisher(
     redis_url: str, channel: str = DEFAULT_REDIS_CHANNEL, recovery_seconds: int | None = None
 ) -> Emitter:
-    """An Emitter for a process that runs no server (a worker, a script): it publishes through Redis only.
-    `recovery_seconds` must be the nodes' GATEWAY_RECOVERY_SECONDS (by default, this process's)."""
+    """An Emitter for a process that runs no server; `recovery_seconds` must be the nodes' (by default this one's)."""
     manager, seconds = GatewayRedisManager(redis_url, channel, write_only=True), recovery_seconds
     seconds = settings.recovery_seconds if seconds is None else seconds
     return Emitter(manager, recovery=RedisRecovery(manager, seconds) if seconds else None)
@@ -647,8 +634,7 @@ class SocketGateway(Emitter):
         sio.on("refresh", self.on_refresh)
 
     def start(self) -> None:
-        """Start the client manager, so a node listens to Redis before its first client arrives; and with recovery,
-        the offsets' refresh."""
+        """Start the client manager (to listen to Redis before the first client comes) and the offsets' refresh."""
         start_manager(self.sio)
         if self.recovery:
             self.sio.spawn(self.refresh_offsets())
@@ -689,8 +675,8 @@ class SocketGateway(Emitter):
         logger.debug("user %r connected as %s from %s", identity.user_id, sid, address)
 
     async def recover(self, sid: str, user_id: str, auth: dict[str, Any]) -> str:
-        """Replay what a reconnecting connection missed if its session can be recovered, then tell every connection
-        the offset it holds from now on; return its pid (the same one when recovered). Runs after every refusal."""
+        """Replay what a connection missed if its session is recovered, send its offset and return its pid."""
+        # Runs after every refusal check. The pid is the same one when the session is recovered, else a new one.
         pid, offset, rooms = auth.get("pid"), auth.get("offset"), [user_room(user_id)]
         kept = found = None
         with contextlib.suppress(RedisUnavailable):  # Redis down: a new session, nothing replayed
@@ -719,16 +705,11 @@ class SocketGateway(Emitter):
         self.pids[pid] = sid
         return pid
 
-    async def replace_stale(self, auth: Any, user_id: str) -> None:
-        """A reconnect with the pid of this user's connection still open here: it dropped, and its ping has not timed
-        out yet. End it, which keeps its session for the new one (and frees its place under the limit)."""
-        pid = auth.get("pid") if isinstance(auth, dict) else None
-        old = self.pids.get(pid) if isinstance(pid, str) else None
-        if (
-            old
-            and self.manager.is_connected(old, NAMESPACE)
-            and (await self.sio.get_session(old))["user_id"] == user_id
-        ):
+    async def replace_stale(self, auth: dict[str, Any], user_id: str) -> None:
+        """End this user's connection whose pid a reconnect brings: it dropped before its ping timed out."""
+        # Ending it keeps its session for the new one, and frees its place under the limit.
+        old = self.pids.get(pid, "") if isinstance(pid := auth.get("pid"), str) else ""
+        if self.manager.is_connected(old, NAMESPACE) and (await self.sio.get_session(old))["user_id"] == user_id:
             await self.sio.end(old, "replaced")
 
     async def keep_session(self, sid: str, user_id: str, pid: str) -> None:
@@ -745,8 +726,8 @@ class SocketGateway(Emitter):
                 await self.keep_session(sid, session["user_id"], session["pid"])
 
     async def refresh_offsets(self) -> None:
-        """Every half window, give each connection the newest offset this node delivered: the offset of a client
-        that receives nothing never gets older than the history it must be found in."""
+        """Every half window, send each connection the newest offset this node delivered."""
+        # So the offset of a client that receives nothing never gets older than the history it must be found in.
         while True:
             await asyncio.sleep(self.settings.recovery_seconds / 2)
             await self.send_offsets()
@@ -760,9 +741,8 @@ class SocketGateway(Emitter):
 
     def _refuse(self, sid: str, address: str, reason: str, detail: str) -> Exception:
         """Log a refusal, and close the client's transport once it took the connect_error python-socketio sends."""
-        logger.info(
-            "refused connection from %s: %s (%s)", address, reason, detail, extra={"client": address, "reason": reason}
-        )
+        fields = {"client": address, "reason": reason}
+        logger.info("refused connection from %s: %s (%s)", address, reason, detail, extra=fields)
         self.metrics.refused.labels(reason).inc()
         self.sio.close_transport(self.manager.eio_sid_from_sid(sid, NAMESPACE))  # a task: runs after the handler
         error: Exception = socketio.exceptions.ConnectionRefusedError(REFUSALS[reason], {"reason": reason})
