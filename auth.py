@@ -12,6 +12,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, TypeGuard
+from urllib.error import HTTPError
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -61,7 +62,8 @@ def load_jwt_settings(config: Config) -> JWTSettings:
     algorithms = tuple(a.strip() for a in config("JWT_ALGORITHMS", default=family[0]).split(",") if a.strip())
     if bad := [algorithm for algorithm in algorithms or [""] if algorithm not in family]:
         raise ValueError(f"GATEWAY_JWT_ALGORITHMS: {bad[0]!r} is not one of {'/'.join(family)} for this key")
-    if not (audience := config("JWT_AUDIENCE", default="")) and source != "SECRET":  # provider keys sign for many apps
+    audience: str | None = config("JWT_AUDIENCE", default="")
+    if not audience and source != "SECRET":  # provider keys sign for many apps
         raise ValueError(
             "GATEWAY_JWT_AUDIENCE is required with a public key or JWKS URL: your provider's audience "
             "for this gateway (see GATEWAY_JWT_AUDIENCE_CLAIM for Cognito), or * to accept any audience"
@@ -70,16 +72,12 @@ def load_jwt_settings(config: Config) -> JWTSettings:
         raise ValueError(f"GATEWAY_JWT_LEEWAY must be between 0 and 300 seconds, got {leeway}")
     if not (user_claim := config("JWT_USER_CLAIM", default="sub").strip()):
         raise ValueError("GATEWAY_JWT_USER_CLAIM is empty")
-    return JWTSettings(
-        algorithms,
-        {a: jwk.construct(material, a) for a in algorithms} if material else {},
-        KeySet(value, algorithms) if source == "JWKS_URL" else None,
-        None if audience in ("", "*") else audience,
-        config("JWT_AUDIENCE_CLAIM", default="").strip() or "aud",
-        config("JWT_ISSUER", default="") or None,
-        leeway,
-        user_claim,
-    )
+    keys = {a: jwk.construct(material, a) for a in algorithms} if material else {}
+    jwks = KeySet(value, algorithms) if source == "JWKS_URL" else None
+    audience = None if audience in ("", "*") else audience
+    audience_claim = config("JWT_AUDIENCE_CLAIM", default="").strip() or "aud"
+    issuer = config("JWT_ISSUER", default="") or None
+    return JWTSettings(algorithms, keys, jwks, audience, audience_claim, issuer, leeway, user_claim)
 
 
 def _key_source(source: str, value: str) -> tuple[str | None, tuple[str, ...]]:
@@ -94,10 +92,8 @@ def _key_source(source: str, value: str) -> tuple[str | None, tuple[str, ...]]:
         pem = value if "-----BEGIN" in value else Path(value).read_text()
         key = serialization.load_pem_public_key(pem.encode())
     except Exception:
-        raise ValueError(
-            "GATEWAY_JWT_PUBLIC_KEY is neither a PEM public key nor the path of a file holding one "
-            "(a private key is refused)"
-        ) from None
+        neither = "neither a PEM public key nor the path of a file holding one (a private key is refused)"
+        raise ValueError(f"GATEWAY_JWT_PUBLIC_KEY is {neither}") from None
     if not isinstance(key, (rsa.RSAPublicKey, ec.EllipticCurvePublicKey)):
         raise ValueError(f"GATEWAY_JWT_PUBLIC_KEY is a {type(key).__name__}; only RSA and EC keys are supported")
     return pem, RSA_ALGORITHMS if isinstance(key, rsa.RSAPublicKey) else EC_ALGORITHMS
@@ -108,9 +104,7 @@ class HTTPOnlyRedirects(urllib.request.HTTPRedirectHandler):
 
     def redirect_request(self, request: Any, fp: Any, code: int, msg: str, headers: Any, url: str) -> Any:
         if not url.startswith(("https://", "http://" if request.full_url.startswith("http://") else "https://")):
-            raise urllib.error.HTTPError(
-                url, code, "redirect refused: only to https, or to http from http", headers, fp
-            )
+            raise HTTPError(url, code, "redirect refused: only to https, or to http from http", headers, fp)
         return super().redirect_request(request, fp, code, msg, headers, url)
 
 
@@ -195,7 +189,6 @@ async def start_key_refresh(settings: JWTSettings) -> None:
 
 
 def stop_key_refresh(settings: JWTSettings) -> None:
-    """Lifespan end: cancel the fetches `start_key_refresh` began."""
     for task in settings.jwks.tasks.values() if settings.jwks else ():
         task.cancel()
 
@@ -211,7 +204,6 @@ FORBIDDEN_IN_USER_ID = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff\u2028\u2029]
 
 
 def is_valid_user_id(user_id: Any) -> TypeGuard[str]:
-    """A user id is a non-empty string of at most 256 characters with no control characters."""
     return isinstance(user_id, str) and 0 < len(user_id) <= 256 and not FORBIDDEN_IN_USER_ID.search(user_id)
 
 
