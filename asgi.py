@@ -10,7 +10,6 @@ import logging
 import math
 import os
 import signal
-import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
@@ -38,7 +37,7 @@ SOCKETIO_PATH = "/socket.io/"
 class PublishRefused(Exception):
     def __init__(self, status: int, error: str, field: str | None = None) -> None:
         super().__init__(error)
-        self.status, self.error, self.field = status, error, field
+        self.status, self.body = status, {"error": error} | ({"field": field} if field else {})
 
 
 def publish_route(gateway: SocketGateway) -> Route:
@@ -51,15 +50,14 @@ def publish_route(gateway: SocketGateway) -> Route:
             if scheme.lower() != "bearer" or not hmac.compare_digest(credentials.strip().encode(), key):
                 raise PublishRefused(401, "missing or wrong publish key")
             body = await read_json(request, gateway.settings.publish_max_bytes)  # within READ_TIMEOUT
-            if isinstance(body, list) and len(body) > MAX_BATCH:
-                raise PublishRefused(422, f"a batch holds at most {MAX_BATCH} messages")
             batch = body if isinstance(body, list) else [body]
+            if len(batch) > MAX_BATCH:
+                raise PublishRefused(422, f"a batch holds at most {MAX_BATCH} messages")
             messages = [parse_message(message, f"[{i}]." if batch is body else "") for i, message in enumerate(batch)]
         except PublishRefused as refused:
-            logger.info("publish refused for %s: %d %s", client_address(request.scope), refused.status, refused.error)
+            logger.info("publish refused for %s: %d %s", client_address(request.scope), refused.status, refused)
             headers = {"WWW-Authenticate": "Bearer"} if refused.status == 401 else None
-            body = {"error": refused.error} | ({"field": refused.field} if refused.field else {})
-            return JSONResponse(body, refused.status, headers)
+            return JSONResponse(refused.body, refused.status, headers)
         emit = {"user_id": gateway.emit_to_user, "room": gateway.emit_to_room}
         for published, (target, name, event, data) in enumerate(messages):
             try:  # all checked above, so a batch goes whole unless Redis fails mid-way
@@ -84,21 +82,16 @@ async def read_json(request: Request, max_bytes: int) -> Any:
             async for chunk in request.stream():
                 if len(body := body + chunk) > max_bytes:
                     raise PublishRefused(413, f"body larger than {max_bytes} bytes")
+        return json.loads(body, parse_constant=finite, parse_float=finite)
     except TimeoutError:
         raise PublishRefused(408, f"body not received within {READ_TIMEOUT} s") from None
-    try:
-        return json.loads(body, parse_constant=not_json, parse_float=finite)
     except (ValueError, RecursionError):
         raise PublishRefused(400, "body is not valid JSON") from None
 
 
-def not_json(name: str) -> None:
-    raise ValueError(f"{name} is not JSON")  # NaN and Infinity: Python reads them, browsers do not
-
-
 def finite(text: str) -> float:
-    if not math.isfinite(number := float(text)):  # 1e400 would be read as Infinity
-        raise ValueError(f"{text} is too large")
+    if not math.isfinite(number := float(text)):  # NaN, Infinity, 1e400: Python reads them, browsers do not
+        raise ValueError(f"{text} is not a finite number")
     return number
 
 
@@ -114,13 +107,12 @@ def parse_message(message: Any, at: str) -> tuple[str, Any, str, Any]:
         raise PublishRefused(422, "broadcast must be true", at + "broadcast")
     if nesting(message.get("data")) > MAX_NESTING:  # checked here, so that a batch is sent whole or not at all
         raise PublishRefused(422, f"data nests deeper than {MAX_NESTING} levels", at + "data")
-    checked: dict[str, Any] = {}
     for field, check in [(targets[0], TARGETS[targets[0]]), ("event", check_event)]:
         try:
-            checked[field] = check(message.get(field))
+            check(message.get(field))  # raises, or returns the value unchanged
         except ValueError as error:
             raise PublishRefused(422, str(error), at + field) from None
-    return targets[0], checked[targets[0]], checked["event"], message.get("data")
+    return targets[0], message[targets[0]], message["event"], message.get("data")
 
 
 def nesting(data: Any) -> int:
@@ -133,22 +125,17 @@ def nesting(data: Any) -> int:
 
 
 def watch_for_shutdown(gateway: SocketGateway) -> None:
-    """On SIGTERM, mark the gateway as shutting down and answer pending long-polls, then run the server's handler.
-
-    uvicorn closes the sockets before the lifespan hears of the shutdown, so this is how those disconnects are told
-    apart from clients that left; and it waits for pending long-polls, which a NOOP packet answers at once.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        return  # signal handlers belong to the main thread; a server run in another thread keeps its own
+    """On SIGTERM, mark the gateway as shutting down and answer pending long-polls, then run the server's handler."""
     server_handler, loop = signal.getsignal(signal.SIGTERM), asyncio.get_running_loop()
 
     def on_sigterm(signum: int, frame: Any) -> None:
-        gateway.shutting_down = True
-        loop.call_soon_threadsafe(gateway.sio.answer_long_polls)
+        gateway.shutting_down = True  # uvicorn closes the sockets before the lifespan hears of the shutdown
+        loop.call_soon_threadsafe(gateway.sio.answer_long_polls)  # uvicorn waits for them: a NOOP ends each at once
         if callable(server_handler):
             server_handler(signum, frame)
 
-    signal.signal(signal.SIGTERM, on_sigterm)
+    with contextlib.suppress(ValueError):  # raised off the main thread: a server run in another thread keeps its own
+        signal.signal(signal.SIGTERM, on_sigterm)
 
 
 def create_app(gateway: SocketGateway, routes: Sequence[BaseRoute] = ()) -> ASGIApp:
@@ -169,20 +156,17 @@ def create_app(gateway: SocketGateway, routes: Sequence[BaseRoute] = ()) -> ASGI
             multiprocess.mark_process_dead(os.getpid())  # drops this worker's live gauges from the sums
 
     async def health(request: Request) -> Response:
-        """Liveness: the process is up and serving."""
         return JSONResponse({"status": "ok"})
 
     async def ready(request: Request) -> Response:
-        """Readiness: 200, or 503 with a reason (no address: that goes to the log) while this node cannot serve."""
-        if problem := await gateway.ready_problem():
+        if problem := await gateway.ready_problem():  # a reason without addresses: those go to the log
             return JSONResponse({"status": "unavailable", "reason": problem}, status_code=503)
         return JSONResponse({"status": "ready"})
 
     async def metrics(request: Request) -> Response:
-        """Prometheus' text format; with PROMETHEUS_MULTIPROC_DIR (--workers N), every worker's values summed."""
         await gateway.ready_problem()  # refreshes gateway_redis_up
         registry = gateway.metrics.registry
-        if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+        if "PROMETHEUS_MULTIPROC_DIR" in os.environ:  # --workers N: every worker's values summed
             multiprocess.MultiProcessCollector(registry := CollectorRegistry())
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -196,22 +180,16 @@ def create_app(gateway: SocketGateway, routes: Sequence[BaseRoute] = ()) -> ASGI
 
 def is_socketio_path(path: str) -> bool:
     """The paths python-engineio's ASGIApp serves: /socket.io, and everything under /socket.io/."""
-    return (path if path.endswith("/") else path + "/").startswith(SOCKETIO_PATH)
+    return (path + "/").startswith(SOCKETIO_PATH)
 
 
 def guard_polling_posts(app: ASGIApp, max_bytes: int, seconds: float, tasks: set[Any]) -> ASGIApp:
-    """Answer 413 to a long-polling POST announcing more than `max_bytes` (or no length) before reading its body,
-    and 400 to one that python-engineio has not answered within `seconds` or failed on.
-
-    python-engineio checks the length only after the first body chunk; on some client errors it waits for the
-    client's next poll before answering the POST, and a POST to a session it is closing raises KeyError. What it
-    does for the POST goes on after the answer (in a task kept in `tasks`): python-socketio reads a connect handler
-    that was cancelled as one that accepted the connection.
-    """
+    """Answer a long-polling POST with 413 if it announces over `max_bytes` (or no length), 400 if not in `seconds`."""
 
     async def guarded(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST" or not is_socketio_path(scope["path"]):
             return await app(scope, receive, send)
+        # python-engineio checks the length only after the first body chunk
         if not (length := dict(scope["headers"]).get(b"content-length", b"")).isdigit() or int(length) > max_bytes:
             return await PlainTextResponse(f"a message is at most {max_bytes} bytes", 413)(scope, receive, send)
         started = answered = False
@@ -222,13 +200,13 @@ def guard_polling_posts(app: ASGIApp, max_bytes: int, seconds: float, tasks: set
             if not answered:  # python-engineio's own answer, unless it came too late
                 await send(message)
 
+        # Outlived, never cancelled: python-socketio reads a cancelled connect handler as one that accepted.
         handling = asyncio.ensure_future(app(scope, receive, noting_send))
         tasks.add(handling)
         handling.add_done_callback(tasks.discard)
-        with contextlib.suppress(TimeoutError, KeyError):
-            await asyncio.wait_for(asyncio.shield(handling), seconds)
-        if not started:
-            answered = True
+        with contextlib.suppress(TimeoutError, KeyError):  # KeyError: a POST to a session python-engineio is closing
+            await asyncio.wait_for(asyncio.shield(handling), seconds)  # on some errors it waits for the next poll
+        if answered := not started:
             await PlainTextResponse("session closed or not answered in time", 400)(scope, receive, send)
 
     return guarded
