@@ -342,11 +342,12 @@ class GatewayMetrics:
 
 
 # ---- The only place the gateway uses python-socketio's and python-engineio's internals --------------------------
-# sio.eio.sockets[...].queue and .closed, sio.environ, sio.manager_initialized, python-engineio's _send_ping tasks,
-# the shape of python-socketio's CONNECT reply and of its pub/sub messages, the pub/sub manager's _publish and _listen
-# (the hooks its docstrings tell subclasses to write), and four AsyncServer methods GatewayServer overrides (asgi.py's
-# guard_polling_posts also catches the KeyError python-engineio raises for a POST to a session it is closing). Each
-# works around the upstream behaviour its comment names; tests/test_internals.py fails if upstream changes one.
+# sio.eio.sockets[...].queue, .closed and .upgraded, sio.environ, sio.manager_initialized, python-engineio's
+# _send_ping tasks, the shape of python-socketio's CONNECT reply and of its pub/sub messages, the pub/sub manager's
+# _publish and _listen (the hooks its docstrings tell subclasses to write), and four AsyncServer methods
+# GatewayServer overrides (asgi.py's guard_polling_posts also catches the KeyError python-engineio raises for a POST
+# to a session it is closing). Each works around the upstream behaviour its comment names; tests/test_internals.py
+# fails if upstream changes one.
 
 
 def queued_packets(sio: socketio.AsyncServer, eio_sid: str) -> int:
@@ -469,6 +470,11 @@ class GatewayServer(socketio.AsyncServer):
         # flood of refused connections would stay in memory.
         if (ping := self.ping_tasks.pop(eio_sid, None)) and ping is not asyncio.current_task():
             ping.cancel()
+        # When a client closes its own session, python-engineio leaves the long-poll it has pending unanswered for
+        # ping interval + timeout, and a shutdown waits for it; Node's server answers it with a CLOSE.
+        engineio_socket = self.eio.sockets.get(eio_sid)
+        if reason == self.reason.CLIENT_DISCONNECT and engineio_socket and not engineio_socket.upgraded:
+            engineio_socket.queue.put_nowait(eio_packet.Packet(eio_packet.CLOSE))
         await super()._handle_eio_disconnect(eio_sid, reason)
 
     async def _handle_eio_connect(self, eio_sid: str, environ: dict[str, Any]) -> Any:

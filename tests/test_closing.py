@@ -208,6 +208,21 @@ async def test_a_polling_connection_the_gateway_ended_has_its_session_closed(liv
     assert gateway.connection_count("eve") == 0
 
 
+@pytest.mark.parametrize("packets", [("41", "1"), ("1",)])
+async def test_a_polling_client_that_closes_its_own_session_has_its_pending_poll_answered(live, packets):
+    """python-socketio's client posts DISCONNECT and CLOSE, then waits for its pending poll to end."""
+    gateway, url, http = live
+    session = await Polling(http, url).open()
+    assert await session.post("40" + json.dumps({"token": token("ida")})) == 200
+    await session.poll()  # the CONNECT reply
+    pending = asyncio.ensure_future(session.poll())
+    await eventually(lambda: gateway.sio.eio.sockets[session.sid].queue._getters)  # test-only peek: it waits
+    assert await session.post(*packets) == 200
+    # before: python-engineio answered it only after ping interval + timeout (a 400), and a shutdown waited for it
+    assert await asyncio.wait_for(pending, TIMEOUT) == ["1"]
+    await nothing_left(lambda: {"sessions": len(gateway.sio.eio.sockets)} if gateway.sio.eio.sockets else {})
+
+
 async def test_a_client_that_stops_reading_is_ended_and_the_others_keep_receiving(monkeypatch, caplog):
     """Judged by progress: its queue held GATEWAY_MAX_QUEUED_MESSAGES and it took none for the ping timeout."""
     caplog.set_level(logging.WARNING, "gateway")

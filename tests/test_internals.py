@@ -3,7 +3,8 @@ an upgrade changes what the gateway relies on. The overrides of AsyncServer meth
 `_handle_eio_connect` by test_closing.py::test_a_session_that_answers_pings_but_never_connects_is_closed,
 `_handle_connect` by test_closing.py::test_a_connection_the_gateway_ended_cannot_connect_again_on_the_same_websocket,
 `_handle_eio_message` by test_hostile.py::test_a_malformed_or_binary_packet_closes_that_connection_only,
-`_handle_eio_disconnect` with the ping tasks below; the Redis manager's `_publish` by
+`_handle_eio_disconnect` with the ping tasks below and by
+test_closing.py::test_a_polling_client_that_closes_its_own_session_has_its_pending_poll_answered; the Redis manager's `_publish` by
 test_cluster.py::test_publish_api_answers_503_with_retry_after_when_redis_does_not_take_a_message and its `_listen`
 by test_cluster.py::test_readiness_follows_the_subscription_not_a_pool_connection."""
 
