@@ -260,6 +260,9 @@ class MemoryRecovery:
         missed = [entry[:3] for entry in self.events if offset_order(entry[0]) > offset_order(offset)]
         return missed, f"0-{self.count}"
 
+    async def newest(self) -> str:
+        return f"0-{self.count}"
+
     async def keep(self, pid: str, user_id: str, rooms: list[str]) -> None:
         sessions, now = self.sessions, time.monotonic()
         while sessions and (len(sessions) >= RECOVERY_MAX_SESSIONS or next(iter(sessions.values()))[0] < now):
@@ -307,6 +310,11 @@ class RedisRecovery:
             return None
         missed = [(key.decode(), entry[b"room"].decode(), entry[b"d"].decode()) for key, entry in entries]
         return missed, newest
+
+    async def newest(self) -> str:
+        """The newest offset in the stream; "0-0" when it is empty (all it will hold is newer than now)."""
+        entries = await self.redis_call(self.redis.xrevrange(self.stream, count=1))
+        return str(entries[0][0].decode()) if entries else "0-0"
 
     async def keep(self, pid: str, user_id: str, rooms: list[str]) -> None:
         key, value = f"{self.channel}:session:{pid}", strict_dumps([user_id, rooms])
@@ -692,12 +700,15 @@ class SocketGateway(Emitter):
                 await self.sio.enter_room(sid, room, namespace=NAMESPACE)
             found = await self.recovery.since(offset) if kept is not None else None
         rooms += kept or []
+        newest = self.manager.delivered  # a node that delivered nothing yet asks the history: "0-0" replays all of it
+        with contextlib.suppress(RedisUnavailable):
+            newest = await self.recovery.newest() if newest == "0-0" else newest
         missed = None if found is None else [(o, data) for o, room, data in found[0] if not room or room in rooms]
-        mark = found[1] if found else self.manager.delivered  # the offset the client holds once this is sent
+        mark = found[1] if found else newest  # the offset the client holds once this is sent
         if missed is None or any(data.startswith(f'["{END_EVENT}",') for _, data in missed):  # or logged out since
             for room in rooms[1:]:
                 await self.sio.leave_room(sid, room, namespace=NAMESPACE)
-            rooms, missed, pid, mark = rooms[:1], [], secrets.token_urlsafe(16), self.manager.delivered
+            rooms, missed, pid, mark = rooms[:1], [], secrets.token_urlsafe(16), newest
         eio_sid = self.manager.eio_sid_from_sid(sid, NAMESPACE)
         for o, data in [*missed, (mark, f'["{RECOVERY_EVENT}"]')]:  # each event with its offset last
             text = f"{packet.EVENT}{data[:-1]},{strict_dumps(o)}]"

@@ -376,6 +376,21 @@ async def test_a_client_recovers_on_another_node_with_the_same_offsets():
             await alice.until("live")
 
 
+async def test_a_node_that_delivered_nothing_yet_hands_out_the_historys_newest_offset():
+    """Not "0-0": after a drop, that would replay the whole stream, events from before the client came too."""
+    with redis_server() as redis_srv:
+        async with redis_node(redis_srv.url) as (node_a, _):
+            await node_a.emit_to_user("alice", "before", 1)  # alice is not connected
+        async with redis_node(redis_srv.url) as (node_b, url_b):  # a node started since
+            alice = RawClient(url_b, "alice")
+            await alice.connect()
+            alice.drop()
+            await eventually(lambda: node_b.connection_count("alice") == 0)
+            await node_b.emit_to_user("alice", "missed", 2)
+            await alice.connect()
+            assert alice.recovered and alice.received == [("missed", [2])]
+
+
 def test_sessions_survive_a_rolling_restart_with_redis_and_not_without():
     """SIGTERM keeps the sessions of the connections still open; in memory they die with the process."""
     with redis_server() as redis_srv:
