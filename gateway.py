@@ -224,15 +224,6 @@ class RedisUnavailable(ConnectionError):
     """Redis did not take a message meant for every node: this node's connections got it, the other nodes' did not."""
 
 
-async def redis_call(call: Awaitable[Any]) -> Any:
-    """Await a Redis command; a failure is logged and raised as RedisUnavailable."""
-    try:
-        return await call
-    except redis.RedisError as error:
-        logger.warning("redis failed: %s", error)
-        raise RedisUnavailable(f"redis did not take the message ({type(error).__name__})") from None
-
-
 def offset_order(offset: str) -> tuple[int, int]:
     milliseconds, _, sequence = offset.partition("-")
     return int(milliseconds), int(sequence)
@@ -304,13 +295,13 @@ class RedisRecovery:
         message = pubsub_emit(event, [*arguments, placeholder], room)
         oldest = f"{int((time.time() - self.seconds) * 1000)}-0"  # the stream's ids are milliseconds
         script_arguments = [RECOVERY_MAX_EVENTS, room or "", payload, self.channel, message, placeholder, oldest]
-        await redis_call(self.add_and_publish(keys=[self.stream], args=script_arguments))
+        await self.redis_call(self.add_and_publish(keys=[self.stream], args=script_arguments))
 
     async def since(self, offset: str) -> Missed | None:
         async with self.redis.pipeline(transaction=True) as pipe:  # no trimming between the two
             pipe.xinfo_stream(self.stream)
             pipe.xrange(self.stream, f"({offset}", "+")
-            info, entries = await redis_call(pipe.execute(raise_on_error=False))
+            info, entries = await self.redis_call(pipe.execute(raise_on_error=False))
         if isinstance(info, redis.ResponseError):  # no stream yet: nothing was ever sent
             return ([], offset) if offset == "0-0" else None
         first, newest = info["recorded-first-entry-id"].decode(), info["last-generated-id"].decode()
@@ -322,18 +313,24 @@ class RedisRecovery:
 
     async def newest(self) -> str:
         """The newest offset in the stream; "0-0" when it is empty (all it will hold is newer than now)."""
-        entries = await redis_call(self.redis.xrevrange(self.stream, count=1))
+        entries = await self.redis_call(self.redis.xrevrange(self.stream, count=1))
         return str(entries[0][0].decode()) if entries else "0-0"
 
     async def keep(self, pid: str, user_id: str, rooms: list[str]) -> None:
         key, value = f"{self.channel}:session:{pid}", strict_dumps([user_id, rooms])
-        await redis_call(self.redis.set(key, value, ex=self.seconds))
+        await self.redis_call(self.redis.set(key, value, ex=self.seconds))
 
     async def take(self, pid: str, user_id: str) -> list[str] | None:
         key = f"{self.channel}:session:{pid}"
-        if (found := await redis_call(self.redis.get(key))) is None or (kept := json.loads(found))[0] != user_id:
+        if (found := await self.redis_call(self.redis.get(key))) is None or (kept := json.loads(found))[0] != user_id:
             return None
-        return kept[1] if await redis_call(self.redis.delete(key)) == 1 else None  # taken once
+        return kept[1] if await self.redis_call(self.redis.delete(key)) == 1 else None  # taken once
+
+    async def redis_call(self, call: Awaitable[Any]) -> Any:
+        try:
+            return await call
+        except redis.RedisError as error:
+            raise RedisUnavailable(f"redis failed: {type(error).__name__}") from error
 
 
 class GatewayMetrics:
@@ -422,7 +419,11 @@ class GatewayRedisManager(socketio.AsyncRedisManager, GatewayManager):
 
     async def _publish(self, data: Any) -> None:
         # python-socketio's _publish logs a failure and carries on, so a caller would believe a message went out.
-        await redis_call(self.publisher.publish(self.channel, strict_dumps(data)))
+        try:
+            await self.publisher.publish(self.channel, strict_dumps(data))
+        except redis.RedisError as error:
+            logger.warning("redis publish failed: %s", error)
+            raise RedisUnavailable(f"redis did not take the message ({type(error).__name__})") from None
 
     async def _listen(self) -> AsyncIterator[Any]:
         async for message in super()._listen():
