@@ -304,9 +304,8 @@ class RedisRecovery:
             info, entries = await self.redis_call(pipe.execute(raise_on_error=False))
         if isinstance(info, redis.ResponseError):  # no stream yet: nothing was ever sent
             return ([], offset) if offset == "0-0" else None
-        first, newest = info["recorded-first-entry-id"].decode(), info["last-generated-id"].decode()
-        trimmed = info["entries-added"] > info["length"] and offset_order(offset) < offset_order(first)
-        if trimmed or offset_order(offset) > offset_order(newest):
+        deleted, newest = info["max-deleted-entry-id"].decode(), info["last-generated-id"].decode()
+        if not offset_order(deleted) <= offset_order(offset) <= offset_order(newest):  # one it missed is gone
             return None
         missed = [(key.decode(), entry[b"room"].decode(), entry[b"d"].decode()) for key, entry in entries]
         return missed, newest
@@ -688,7 +687,7 @@ class SocketGateway(Emitter):
         self.metrics.users.inc(connections == 1)
         logger.debug("user %r connected as %s from %s", identity.user_id, sid, address)
 
-    async def recover(self, sid: str, user_id: str, auth: dict[str, Any]) -> str:
+    async def recover(self, sid: str, user_id: str, auth: dict[str, Any]) -> str | None:
         """Replay what a connection missed if its session is recovered, send its offset and return its pid."""
         # Runs after every refusal check. The pid is the same one when the session is recovered, else a new one.
         pid, offset, rooms = auth.get("pid"), auth.get("offset"), [user_room(user_id)]
@@ -700,9 +699,11 @@ class SocketGateway(Emitter):
                 await self.sio.enter_room(sid, room, namespace=NAMESPACE)
             found = await self.recovery.since(offset) if kept is not None else None
         rooms += kept or []
-        newest = self.manager.delivered  # a node that delivered nothing yet asks the history: "0-0" replays all of it
-        with contextlib.suppress(RedisUnavailable):
+        newest, recoverable = self.manager.delivered, True  # a node that delivered nothing yet asks the history
+        try:  # where the client stands: "0-0" would replay all of it after a drop
             newest = await self.recovery.newest() if newest == "0-0" else newest
+        except RedisUnavailable:  # not known: this connection gets no pid, so it cannot be recovered
+            recoverable = False
         missed = None if found is None else [(o, data) for o, room, data in found[0] if not room or room in rooms]
         mark = found[1] if found else newest  # the offset the client holds once this is sent
         if missed is None or any(data.startswith(f'["{END_EVENT}",') for _, data in missed):  # or logged out since
@@ -718,6 +719,8 @@ class SocketGateway(Emitter):
                 await self.sio.eio.send_packet(eio_sid, part)
         if offset_order(mark) > offset_order(self.manager.delivered):  # Redis delivers some here late: drop them
             self.manager.marks[sid] = offset_order(mark)
+        if not recoverable:
+            return None
         RecoveryPacket.pids[sid] = pid = str(pid)
         self.pids[pid] = sid
         return pid

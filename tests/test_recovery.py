@@ -391,6 +391,41 @@ async def test_a_node_that_delivered_nothing_yet_hands_out_the_historys_newest_o
             assert alice.recovered and alice.received == [("missed", [2])]
 
 
+async def test_a_node_that_cannot_read_the_history_gives_a_new_connection_no_pid(monkeypatch):
+    """Else its client would hold "0-0", and a recovery would replay it events from before it came."""
+    import gateway as gateway_module
+
+    monkeypatch.setattr(gateway_module, "REDIS_TIMEOUT", 0.5)
+    with redis_server() as redis_srv:
+        async with redis_node(redis_srv.url) as (node_a, _):
+            await node_a.emit_to_user("alice", "before", 1)  # alice is not connected
+        async with redis_node(redis_srv.url) as (node_b, url_b):  # a node started since
+            await node_b.recovery.redis.client_pause(1500)  # Redis answers nothing for longer than REDIS_TIMEOUT
+            reply = await RawClient(url_b, "alice").connect()
+            assert "sid" in reply and "pid" not in reply
+
+
+async def test_with_redis_a_client_whose_own_offset_aged_out_of_the_window_still_recovers():
+    """A session is lost only when an event after the client's offset is gone, as in memory."""
+    with redis_server() as redis_srv:
+        gateway = make_gateway(RECOVERY_SECONDS="2", REDIS_URL=redis_srv.url)
+        async with serve(create_app(gateway)) as url:
+            await wait_for_subscribers(redis_srv.url, 1, at_least=True)
+            alice, start = RawClient(url, "alice"), asyncio.get_running_loop().time()
+            await alice.connect()
+            for n in range(100):  # a whole node of the stream, so that Redis's approximate trimming removes it
+                await gateway.emit_to_user("alice", "seen", n)
+            while alice.received[-1:] != [("seen", [99])]:  # its offset is now the last one's
+                alice.take(await alice.text())
+            await eventually(lambda: asyncio.get_running_loop().time() > start + 2.5)  # past the window
+            alice.drop()
+            await eventually(lambda: gateway.connection_count("alice") == 0)
+            await gateway.emit_to_user("alice", "missed", 100)  # trims the 100 older ones, alice's own offset too
+            assert await gateway.recovery.redis.xlen(gateway.recovery.stream) == 1
+            await alice.connect()
+            assert alice.recovered and alice.received[-1] == ("missed", [100])
+
+
 def test_sessions_survive_a_rolling_restart_with_redis_and_not_without():
     """SIGTERM keeps the sessions of the connections still open; in memory they die with the process."""
     with redis_server() as redis_srv:
