@@ -276,9 +276,12 @@ class MemoryRecovery:
         return self.sessions.pop(pid)[2]
 
 
-# XADD and PUBLISH in one step, so that every node delivers events in offset order, and with the same offsets.
-ADD_AND_PUBLISH = """local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'room', ARGV[2], 'd', ARGV[3])
-redis.call('XTRIM', KEYS[1], 'MINID', '~', ARGV[7])
+# XADD and PUBLISH in one step, so that every node delivers events in offset order, and with the same offsets. The
+# window's trim keeps the event before the new one: a quiet client holds its offset, which must not look trimmed.
+ADD_AND_PUBLISH = """local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)[1]
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'room', ARGV[2], 'd', ARGV[3])
+local keep = last and tonumber(string.match(last[1], '^%d+')) < tonumber(string.match(ARGV[7], '^%d+'))
+redis.call('XTRIM', KEYS[1], 'MINID', '~', keep and last[1] or ARGV[7])
 redis.call('PUBLISH', ARGV[4], (string.gsub(ARGV[5], ARGV[6], id, 1)))
 return id"""
 
@@ -304,8 +307,9 @@ class RedisRecovery:
             info, entries = await self.redis_call(pipe.execute(raise_on_error=False))
         if isinstance(info, redis.ResponseError):  # no stream yet: nothing was ever sent
             return ([], offset) if offset == "0-0" else None
-        deleted, newest = info["max-deleted-entry-id"].decode(), info["last-generated-id"].decode()
-        if not offset_order(deleted) <= offset_order(offset) <= offset_order(newest):  # one it missed is gone
+        first, newest = info["recorded-first-entry-id"].decode(), info["last-generated-id"].decode()
+        trimmed = info["entries-added"] > info["length"] and offset_order(offset) < offset_order(first)
+        if trimmed or offset_order(offset) > offset_order(newest):
             return None
         missed = [(key.decode(), entry[b"room"].decode(), entry[b"d"].decode()) for key, entry in entries]
         return missed, newest

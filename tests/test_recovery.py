@@ -391,6 +391,20 @@ async def test_a_node_that_delivered_nothing_yet_hands_out_the_historys_newest_o
             assert alice.recovered and alice.received == [("missed", [2])]
 
 
+async def test_with_redis_more_missed_events_than_the_history_holds_are_not_partly_replayed(monkeypatch):
+    import gateway as gateway_module
+
+    monkeypatch.setattr(gateway_module, "RECOVERY_MAX_EVENTS", 100)  # trimmed by whole nodes of 100 entries
+    with redis_server() as redis_srv:
+        async with redis_node(redis_srv.url) as (gateway, url):
+            alice = await dropped_client(gateway, url, "alice")
+            for n in range(300):
+                await gateway.emit_to_user("alice", "missed", n)
+            assert await gateway.recovery.redis.xlen(gateway.recovery.stream) < 300
+            await alice.connect()
+            assert not alice.recovered and alice.received == [("first", [])]
+
+
 async def test_a_node_that_cannot_read_the_history_gives_a_new_connection_no_pid(monkeypatch):
     """Else its client would hold "0-0", and a recovery would replay it events from before it came."""
     import gateway as gateway_module
@@ -406,24 +420,24 @@ async def test_a_node_that_cannot_read_the_history_gives_a_new_connection_no_pid
 
 
 async def test_with_redis_a_client_whose_own_offset_aged_out_of_the_window_still_recovers():
-    """A session is lost only when an event after the client's offset is gone, as in memory."""
+    """The trim of the window keeps the event before the new one: a quiet client's offset never looks trimmed."""
     with redis_server() as redis_srv:
         gateway = make_gateway(RECOVERY_SECONDS="2", REDIS_URL=redis_srv.url)
         async with serve(create_app(gateway)) as url:
             await wait_for_subscribers(redis_srv.url, 1, at_least=True)
             alice, start = RawClient(url, "alice"), asyncio.get_running_loop().time()
             await alice.connect()
-            for n in range(100):  # a whole node of the stream, so that Redis's approximate trimming removes it
-                await gateway.emit_to_user("alice", "seen", n)
-            while alice.received[-1:] != [("seen", [99])]:  # its offset is now the last one's
+            for n in range(200):  # two whole nodes of the stream: Redis's approximate trimming removes whole nodes
+                await gateway.emit_to_user("bob" if n < 100 else "alice", "seen", n)
+            while alice.received[-1:] != [("seen", [199])]:  # its offset is now the last one's
                 alice.take(await alice.text())
             await eventually(lambda: asyncio.get_running_loop().time() > start + 2.5)  # past the window
             alice.drop()
             await eventually(lambda: gateway.connection_count("alice") == 0)
-            await gateway.emit_to_user("alice", "missed", 100)  # trims the 100 older ones, alice's own offset too
-            assert await gateway.recovery.redis.xlen(gateway.recovery.stream) == 1
+            await gateway.emit_to_user("alice", "missed", 200)  # trims bob's node, not the one with alice's offset
+            assert await gateway.recovery.redis.xlen(gateway.recovery.stream) == 101
             await alice.connect()
-            assert alice.recovered and alice.received[-1] == ("missed", [100])
+            assert alice.recovered and alice.received[-1] == ("missed", [200])
 
 
 def test_sessions_survive_a_rolling_restart_with_redis_and_not_without():
