@@ -41,7 +41,7 @@ REFUSALS["limit"] = "too many connections"
 RECOVERY_MAX_EVENTS = 10_000  # events kept for recovery (also at most N seconds): per node, or in Redis per cluster
 RECOVERY_MAX_BYTES = 64 * 2**20  # and in memory, at most these bytes of them
 RECOVERY_MAX_SESSIONS = 100_000  # dropped connections' sessions kept in memory (also at most N seconds)
-OFFSET = re.compile(r"\d{1,20}-\d{1,20}")  # Redis stream ids; in memory "0-<n>"
+OFFSET = re.compile(r"\d{1,19}-\d{1,19}")  # Redis stream ids (64-bit numbers); in memory "0-<n>"
 CLOSE_TIMEOUT = 5.0  # seconds a connection the server closes has to take its last packets
 YIELD_EVERY = 1000  # recipients served between two turns of the event loop during one emit
 DEFAULT_REDIS_CHANNEL = "socket-gateway"
@@ -186,10 +186,11 @@ class GatewayManager(socketio.AsyncManager):
         offset = offset_order(last) if isinstance(last, str) and OFFSET.fullmatch(last) else None
         parts = [eio_packet.Packet(eio_packet.MESSAGE, p) for p in ([encoded] if isinstance(encoded, str) else encoded)]
         skip = set(skip) if isinstance(skip, list) else {skip}
-        recipients = [(sid, eio_sid) for sid, eio_sid in self.get_participants(namespace, room) if sid not in skip]
         now, any_full, stalled = time.monotonic(), False, []
-        # Events with offsets go out one emit at a time, so that a client's offsets only ever grow.
+        # Events with offsets go out one emit at a time, so that a client's offsets only ever grow; the recipients
+        # are those of when it goes out, so that one connecting meanwhile is not given an offset older than it.
         async with self.in_order if offset and event != RECOVERY_EVENT else contextlib.nullcontext():
+            recipients = [(sid, eio_sid) for sid, eio_sid in self.get_participants(namespace, room) if sid not in skip]
             for count, (sid, eio_sid) in enumerate(recipients, 1):
                 if queued_packets(self.server, eio_sid) < self.max_queued:
                     self.full_since.pop(sid, None)
@@ -277,11 +278,13 @@ class MemoryRecovery:
 
 
 # XADD and PUBLISH in one step, so that every node delivers events in offset order, and with the same offsets. The
-# window's trim keeps the event before the new one: a quiet client holds its offset, which must not look trimmed.
+# window is trimmed by Redis's clock, which makes the ids, and never past the event before the new one: a quiet
+# client holds that one's offset, which must not look trimmed.
 ADD_AND_PUBLISH = """local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)[1]
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'room', ARGV[2], 'd', ARGV[3])
-local keep = last and tonumber(string.match(last[1], '^%d+')) < tonumber(string.match(ARGV[7], '^%d+'))
-redis.call('XTRIM', KEYS[1], 'MINID', '~', keep and last[1] or ARGV[7])
+local oldest = (tonumber(redis.call('TIME')[1]) - tonumber(ARGV[7])) * 1000
+local keep = tonumber(string.match(last and last[1] or id, '^%d+'))
+redis.call('XTRIM', KEYS[1], 'MINID', '~', string.format('%.0f', math.min(oldest, keep)))
 redis.call('PUBLISH', ARGV[4], (string.gsub(ARGV[5], ARGV[6], id, 1)))
 return id"""
 
@@ -296,8 +299,7 @@ class RedisRecovery:
     async def emit(self, manager: GatewayManager, event: str, arguments: list[Any], room: str | None) -> None:
         payload, placeholder = to_json([event, *arguments]), secrets.token_hex(16)
         message = pubsub_emit(event, [*arguments, placeholder], room)
-        oldest = f"{int((time.time() - self.seconds) * 1000)}-0"  # the stream's ids are milliseconds
-        script_arguments = [RECOVERY_MAX_EVENTS, room or "", payload, self.channel, message, placeholder, oldest]
+        script_arguments = [RECOVERY_MAX_EVENTS, room or "", payload, self.channel, message, placeholder, self.seconds]
         await self.redis_call(self.add_and_publish(keys=[self.stream], args=script_arguments))
 
     async def since(self, offset: str) -> Missed | None:
@@ -703,17 +705,16 @@ class SocketGateway(Emitter):
                 await self.sio.enter_room(sid, room, namespace=NAMESPACE)
             found = await self.recovery.since(offset) if kept is not None else None
         rooms += kept or []
-        newest, recoverable = self.manager.delivered, True  # a node that delivered nothing yet asks the history
-        try:  # where the client stands: "0-0" would replay all of it after a drop
-            newest = await self.recovery.newest() if newest == "0-0" else newest
-        except RedisUnavailable:  # not known: this connection gets no pid, so it cannot be recovered
-            recoverable = False
         missed = None if found is None else [(o, data) for o, room, data in found[0] if not room or room in rooms]
-        mark = found[1] if found else newest  # the offset the client holds once this is sent
+        mark, recoverable = found[1] if found else self.manager.delivered, True  # the offset the client holds next
         if missed is None or any(data.startswith(f'["{END_EVENT}",') for _, data in missed):  # or logged out since
             for room in rooms[1:]:
                 await self.sio.leave_room(sid, room, namespace=NAMESPACE)
-            rooms, missed, pid, mark = rooms[:1], [], secrets.token_urlsafe(16), newest
+            rooms, missed, pid, mark = rooms[:1], [], secrets.token_urlsafe(16), self.manager.delivered
+            try:  # a node that delivered nothing yet asks the history: "0-0" would replay all of it after a drop
+                mark = await self.recovery.newest() if mark == "0-0" else mark
+            except RedisUnavailable:  # not known: this connection gets no pid, so it cannot be recovered
+                recoverable = False
         eio_sid = self.manager.eio_sid_from_sid(sid, NAMESPACE)
         for o, data in [*missed, (mark, f'["{RECOVERY_EVENT}"]')]:  # each event with its offset last
             text = f"{packet.EVENT}{data[:-1]},{strict_dumps(o)}]"

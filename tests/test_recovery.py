@@ -10,6 +10,8 @@ import logging
 import signal
 import socket
 import struct
+import time
+import types
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -389,6 +391,52 @@ async def test_a_node_that_delivered_nothing_yet_hands_out_the_historys_newest_o
             await node_b.emit_to_user("alice", "missed", 2)
             await alice.connect()
             assert alice.recovered and alice.received == [("missed", [2])]
+
+
+async def test_a_connection_made_while_an_emit_waits_its_turn_gets_that_event_live(live):
+    """Recipients are those of when the event goes out: else the client's offset would be older than an event it never
+    got, and only a drop and a recovery would give it."""
+    gateway, url = live
+    await gateway.broadcast("warm-up")
+    await gateway.manager.in_order.acquire()  # as behind a long emit: the next one waits its turn
+    waiting = asyncio.ensure_future(gateway.emit_to_user("alice", "sent", 1))
+    await eventually(lambda: len(gateway.recovery.events) == 2)  # it has its offset, and waits
+    alice = RawClient(url, "alice")
+    await alice.connect()
+    gateway.manager.in_order.release()
+    await waiting
+    await alice.until("sent")
+    alice.drop()
+    await eventually(lambda: gateway.connection_count("alice") == 0)
+    await alice.connect()
+    assert alice.recovered and alice.received == [("sent", [1])]
+
+
+async def test_with_redis_the_window_is_trimmed_by_redis_clock_not_the_nodes(monkeypatch):
+    """A node whose clock ran ahead of Redis's by more than the window would otherwise trim each new event away."""
+    import gateway as gateway_module
+
+    with redis_server() as redis_srv:
+        async with redis_node(redis_srv.url) as (gateway, url):
+            alice = RawClient(url, "alice")
+            await alice.connect()  # the stream is empty: its offset is 0-0
+            alice.drop()
+            await eventually(lambda: gateway.connection_count("alice") == 0)
+            ahead = types.SimpleNamespace(time=lambda: time.time() + 3600, monotonic=time.monotonic)
+            monkeypatch.setattr(gateway_module, "time", ahead)  # only while alice is away: tokens use the real clock
+            await gateway.emit_to_user("alice", "missed", 1)
+            monkeypatch.undo()
+            await alice.connect()
+            assert alice.recovered and alice.received == [("missed", [1])]
+
+
+async def test_an_offset_redis_cannot_read_is_a_new_session_and_leaves_nothing_behind():
+    with redis_server() as redis_srv:
+        async with redis_node(redis_srv.url) as (gateway, url):
+            alice = await dropped_client(gateway, url, "alice")
+            alice.offset = "0-99999999999999999999"  # matches the offset pattern; beyond Redis's 64-bit ids
+            await alice.connect()
+            assert not alice.recovered and not gateway.manager.held and gateway.connection_count("alice") == 1
 
 
 async def test_with_redis_more_missed_events_than_the_history_holds_are_not_partly_replayed(monkeypatch):
