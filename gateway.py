@@ -499,8 +499,16 @@ class GatewayServer(socketio.AsyncServer):
     async def _handle_connect(self, eio_sid: str, namespace: str, data: Any) -> None:
         # python-socketio registers a CONNECT that arrives after its session closed, then fails on its environ
         # and keeps the registration for good (a raw client can send one on a transport the server closed).
-        if eio_sid in self.environ and eio_sid not in self.closing:
+        if eio_sid not in self.environ or eio_sid in self.closing:
+            return
+        try:
             await super()._handle_connect(eio_sid, namespace, data)
+        except Exception:  # a connect handler that failed: python-socketio would keep the half-made connection
+            logger.exception("connect of session %s failed; closed it", eio_sid)
+            sid = self.manager.sid_from_eio_sid(eio_sid, namespace or NAMESPACE)
+            self.manager.held.pop(sid, None)
+            await self.manager.disconnect(sid, namespace or NAMESPACE)  # its rooms, so its place under the limit
+            self.close_transport(eio_sid)
 
     async def _handle_eio_message(self, eio_sid: str, data: Any) -> None:
         # python-socketio logs a traceback per malformed packet and collects binary attachments for as long as a

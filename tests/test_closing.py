@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import signal
 
 import aiohttp
+import socketio
 import pytest
 from conftest import (
     TIMEOUT,
@@ -206,6 +208,25 @@ async def test_a_polling_connection_the_gateway_ended_has_its_session_closed(liv
     assert (await pending)[:2] == [f'42["{END_EVENT}",{{"reason":"logout"}}]', "41"]
     assert await session.post("40" + json.dumps({"token": token("eve")})) == 400  # the session is gone
     assert gateway.connection_count("eve") == 0
+
+
+@pytest.mark.parametrize("transport", ["websocket", "polling"])
+async def test_a_connect_handler_that_fails_leaves_nothing_and_the_user_can_connect_again(live, monkeypatch, transport):
+    gateway, url, _ = live
+    gateway.settings.max_connections_per_user = 1
+
+    async def failing_save_session(*args, **kwargs):
+        raise RuntimeError("a bug, or a dependency answering what it should not")
+
+    monkeypatch.setattr(gateway.sio, "save_session", failing_save_session)
+    client = socketio.AsyncClient(reconnection=False)
+    with contextlib.suppress(socketio.exceptions.ConnectionError):
+        await client.connect(url, auth={"token": token("una")}, transports=[transport], wait_timeout=1)  # it fails
+    await client.disconnect()
+    await nothing_left(lambda: {"una": gateway.connection_count("una")} if gateway.connection_count("una") else {})
+    monkeypatch.undo()
+    async with connected(url, "una", transports=[transport]):
+        assert gateway.connection_count("una") == 1
 
 
 @pytest.mark.parametrize("packets", [("41", "1"), ("1",)])
