@@ -37,7 +37,7 @@ RESERVED_EVENTS = {"connect", "connect_error", "disconnect", "disconnecting", "n
 RECOVERY_EVENT = "gateway_offset"  # sent on connect with recovery on: every client then holds an offset
 RESERVED_EVENTS |= {END_EVENT, RECOVERY_EVENT}
 REFUSALS = {"missing": "missing token", "invalid": "invalid token", "expired": "token expired"}
-REFUSALS["limit"] = "too many connections"
+REFUSALS |= {"limit": "too many connections", "error": "server error"}
 RECOVERY_MAX_EVENTS = 10_000  # events kept for recovery (also at most N seconds): per node, or in Redis per cluster
 RECOVERY_MAX_BYTES = 64 * 2**20  # and in memory, at most these bytes of them
 RECOVERY_MAX_SESSIONS = 100_000  # dropped connections' sessions kept in memory (also at most N seconds)
@@ -282,7 +282,8 @@ class MemoryRecovery:
 # client holds that one's offset, which must not look trimmed.
 ADD_AND_PUBLISH = """local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)[1]
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'room', ARGV[2], 'd', ARGV[3])
-local oldest = (tonumber(redis.call('TIME')[1]) - tonumber(ARGV[7])) * 1000
+local now = redis.call('TIME')
+local oldest = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) - tonumber(ARGV[7]) * 1000
 local keep = tonumber(string.match(last and last[1] or id, '^%d+'))
 redis.call('XTRIM', KEYS[1], 'MINID', '~', string.format('%.0f', math.min(oldest, keep)))
 redis.call('PUBLISH', ARGV[4], (string.gsub(ARGV[5], ARGV[6], id, 1)))
@@ -499,16 +500,8 @@ class GatewayServer(socketio.AsyncServer):
     async def _handle_connect(self, eio_sid: str, namespace: str, data: Any) -> None:
         # python-socketio registers a CONNECT that arrives after its session closed, then fails on its environ
         # and keeps the registration for good (a raw client can send one on a transport the server closed).
-        if eio_sid not in self.environ or eio_sid in self.closing:
-            return
-        try:
+        if eio_sid in self.environ and eio_sid not in self.closing:
             await super()._handle_connect(eio_sid, namespace, data)
-        except Exception:  # a connect handler that failed: python-socketio would keep the half-made connection
-            logger.exception("connect of session %s failed; closed it", eio_sid)
-            sid = self.manager.sid_from_eio_sid(eio_sid, namespace or NAMESPACE)
-            self.manager.held.pop(sid, None)
-            await self.manager.disconnect(sid, namespace or NAMESPACE)  # its rooms, so its place under the limit
-            self.close_transport(eio_sid)
 
     async def _handle_eio_message(self, eio_sid: str, data: Any) -> None:
         # python-socketio logs a traceback per malformed packet and collects binary attachments for as long as a
@@ -673,6 +666,16 @@ class SocketGateway(Emitter):
         return key_problem(self.settings.jwt) or redis_problem
 
     async def on_connect(self, sid: str, environ: dict[str, Any], auth: Any) -> None:
+        try:
+            await self.accept(sid, environ, auth)
+        except Exception as error:  # a refusal; or a failure, after which python-socketio would keep it half-made
+            self.forget(sid)
+            if isinstance(error, socketio.exceptions.ConnectionRefusedError):
+                raise
+            logger.exception("connect of %s failed", sid)
+            raise self._refuse(sid, client_address(environ["asgi.scope"]), "error", repr(error)) from None
+
+    async def accept(self, sid: str, environ: dict[str, Any], auth: Any) -> None:
         if deadline := environ.pop("gateway.connect_deadline", None):
             deadline.cancel()
         address = client_address(environ["asgi.scope"])
@@ -686,12 +689,9 @@ class SocketGateway(Emitter):
         # Enter first, then count: no await can slip another connection of this user in between.
         await self.sio.enter_room(sid, user_room(identity.user_id), namespace=NAMESPACE)
         if (connections := self.connection_count(identity.user_id)) > self.settings.max_connections_per_user:
-            self.manager.held.pop(sid, None)
             raise self._refuse(sid, address, "limit", f"user {identity.user_id!r} has {connections - 1} connections")
         pid = await self.recover(sid, identity.user_id, auth) if self.recovery else None
         if not session_open(self.sio, self.manager.eio_sid_from_sid(sid, NAMESPACE)):  # it closed while this waited
-            RecoveryPacket.pids.pop(sid, None)
-            self.pids.pop(str(pid), None)
             raise socketio.exceptions.ConnectionRefusedError("gone")  # python-socketio forgets it then
         session = {"user_id": identity.user_id} | ({"pid": pid} if pid else {})
         await self.sio.save_session(sid, session, namespace=NAMESPACE)
@@ -784,9 +784,7 @@ class SocketGateway(Emitter):
     async def on_disconnect(self, sid: str, reason: str) -> None:
         # One namespace: a Socket.IO connection that ends leaves its Engine.IO session nothing to do.
         self.sio.close_transport(self.manager.eio_sid_from_sid(sid, NAMESPACE))
-        self._cancel_deadline(sid)
-        for sids in (self.manager.full_since, self.manager.marks, self.manager.held):
-            sids.pop(sid, None)
+        self.forget(sid)
         session = await self.sio.get_session(sid, namespace=NAMESPACE)
         user_id, pid = session.get("user_id"), session.get("pid")
         ended_by = self.sio.end_reasons.pop(sid, None) or ("shutdown" if self.shutting_down else None)
@@ -814,6 +812,14 @@ class SocketGateway(Emitter):
             return {"ok": False, "reason": "invalid", "error": "token is for another user"}
         self._end_at(sid, identity.expires_at)
         return {"ok": True, "expires_at": identity.expires_at}
+
+    def forget(self, sid: str) -> None:
+        """Drop what this node keeps for a connection: its deadline, held events, marks, and a pid never sent."""
+        self._cancel_deadline(sid)
+        for sids in (self.manager.full_since, self.manager.marks, self.manager.held):
+            sids.pop(sid, None)
+        if pid := RecoveryPacket.pids.pop(sid, None):
+            self.pids.pop(pid, None)
 
     def _end_at(self, sid: str, expires_at: float) -> None:
         """One timer per connection (no task until it fires): end it when its token expires, leeway included."""

@@ -9,7 +9,6 @@ import logging
 import signal
 
 import aiohttp
-import socketio
 import pytest
 from conftest import (
     TIMEOUT,
@@ -19,6 +18,8 @@ from conftest import (
     grown_since,
     make_gateway,
     nothing_left,
+    redis_server,
+    refusal,
     serve,
     server_state,
     token,
@@ -211,22 +212,27 @@ async def test_a_polling_connection_the_gateway_ended_has_its_session_closed(liv
 
 
 @pytest.mark.parametrize("transport", ["websocket", "polling"])
-async def test_a_connect_handler_that_fails_leaves_nothing_and_the_user_can_connect_again(live, monkeypatch, transport):
-    gateway, url, _ = live
-    gateway.settings.max_connections_per_user = 1
+@pytest.mark.parametrize("with_redis", [False, True])
+async def test_a_connect_handler_that_fails_is_refused_leaves_nothing_and_the_user_can_connect_again(
+    monkeypatch, transport, with_redis
+):
+    """python-socketio would keep the half-made connection, in the user's room and under the limit, for good."""
 
     async def failing_save_session(*args, **kwargs):
         raise RuntimeError("a bug, or a dependency answering what it should not")
 
-    monkeypatch.setattr(gateway.sio, "save_session", failing_save_session)
-    client = socketio.AsyncClient(reconnection=False)
-    with contextlib.suppress(socketio.exceptions.ConnectionError):
-        await client.connect(url, auth={"token": token("una")}, transports=[transport], wait_timeout=1)  # it fails
-    await client.disconnect()
-    await nothing_left(lambda: {"una": gateway.connection_count("una")} if gateway.connection_count("una") else {})
-    monkeypatch.undo()
-    async with connected(url, "una", transports=[transport]):
-        assert gateway.connection_count("una") == 1
+    with contextlib.ExitStack() as stack:
+        env = {"REDIS_URL": stack.enter_context(redis_server()).url} if with_redis else {}
+        gateway = make_gateway(MAX_CONNECTIONS_PER_USER="1", RECOVERY_SECONDS="60", **env)
+        async with serve(create_app(gateway)) as url:
+            monkeypatch.setattr(gateway.sio, "save_session", failing_save_session)
+            refused = await refusal(url, {"token": token("una")}, transports=[transport])
+            assert refused == {"message": "server error", "data": {"reason": "error"}}
+            await nothing_left(lambda: {"una": n} if (n := gateway.connection_count("una")) else {})
+            assert not (gateway.manager.held or gateway.pids or gateway._deadlines)
+            monkeypatch.undo()
+            async with connected(url, "una", transports=[transport]):
+                assert gateway.connection_count("una") == 1
 
 
 @pytest.mark.parametrize("packets", [("41", "1"), ("1",)])

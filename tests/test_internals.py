@@ -1,8 +1,7 @@
 """The python-socketio and python-engineio internals gateway.py uses (its one marked place): each test fails when
 an upgrade changes what the gateway relies on. The overrides of AsyncServer methods are tested by what they do:
 `_handle_eio_connect` by test_closing.py::test_a_session_that_answers_pings_but_never_connects_is_closed,
-`_handle_connect` by test_closing.py::test_a_connection_the_gateway_ended_cannot_connect_again_on_the_same_websocket
-and test_closing.py::test_a_connect_handler_that_fails_leaves_nothing_and_the_user_can_connect_again,
+`_handle_connect` by test_closing.py::test_a_connection_the_gateway_ended_cannot_connect_again_on_the_same_websocket,
 `_handle_eio_message` by test_hostile.py::test_a_malformed_or_binary_packet_closes_that_connection_only,
 `_handle_eio_disconnect` with the ping tasks below and by
 test_closing.py::test_a_polling_client_that_closes_its_own_session_has_its_pending_poll_answered; the Redis manager's `_publish` by
