@@ -668,7 +668,9 @@ class SocketGateway(Emitter):
     async def on_connect(self, sid: str, environ: dict[str, Any], auth: Any) -> None:
         try:
             await self.accept(sid, environ, auth)
-        except Exception as error:  # a refusal; or a failure, after which python-socketio would keep it half-made
+        # A refusal, or a failure, after which python-socketio would keep the connection half-made; it takes a
+        # cancelled handler (the lifespan cancels what is under way at shutdown) as one that accepted.
+        except (Exception, asyncio.CancelledError) as error:
             self.forget(sid)
             if isinstance(error, socketio.exceptions.ConnectionRefusedError):
                 raise
