@@ -175,7 +175,7 @@ def create_app(gateway: SocketGateway, routes: Sequence[BaseRoute] = ()) -> ASGI
     own_routes += [publish_route(gateway)] if gateway.settings.publish_key else []
     http = Starlette(routes=[*own_routes, *routes], lifespan=lifespan)
     socketio_app = socketio.ASGIApp(gateway.sio, other_asgi_app=http, socketio_path=SOCKETIO_PATH)
-    return guard_polling_posts(socketio_app, gateway.settings.max_message_bytes, POST_TIMEOUT, gateway.sio.tasks)
+    return guard_polling_posts(socketio_app, gateway.settings.max_message_bytes, POST_TIMEOUT, gateway.sio.spawn)
 
 
 def is_socketio_path(path: str) -> bool:
@@ -183,7 +183,9 @@ def is_socketio_path(path: str) -> bool:
     return (path + "/").startswith(SOCKETIO_PATH)
 
 
-def guard_polling_posts(app: ASGIApp, max_bytes: int, seconds: float, tasks: set[Any]) -> ASGIApp:
+def guard_polling_posts(
+    app: ASGIApp, max_bytes: int, seconds: float, spawn: Callable[[Any], asyncio.Task[None]]
+) -> ASGIApp:
     """Answer a long-polling POST with 413 if it announces over `max_bytes` (or no length), 400 if not in `seconds`."""
 
     async def guarded(scope: Scope, receive: Receive, send: Send) -> None:
@@ -201,9 +203,7 @@ def guard_polling_posts(app: ASGIApp, max_bytes: int, seconds: float, tasks: set
                 await send(message)
 
         # Outlived, never cancelled: python-socketio reads a cancelled connect handler as one that accepted.
-        handling = asyncio.ensure_future(app(scope, receive, noting_send))
-        tasks.add(handling)
-        handling.add_done_callback(tasks.discard)
+        handling = spawn(app(scope, receive, noting_send))  # a task kept referenced until it ends
         with contextlib.suppress(TimeoutError, KeyError):  # KeyError: a POST to a session python-engineio is closing
             await asyncio.wait_for(asyncio.shield(handling), seconds)  # on some errors it waits for the next poll
         if answered := not started:

@@ -547,11 +547,12 @@ class GatewayServer(socketio.AsyncServer):
         self.closing.add(eio_sid)
         self.spawn(close())
 
-    def spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+    def spawn(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         """Run `coroutine` in a task kept referenced until it ends (the lifespan cancels those left at shutdown)."""
         task = asyncio.get_running_loop().create_task(coroutine)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+        return task
 
     async def end(self, sid: str, reason: str) -> None:
         """End a connection on purpose: the client gets DISCONNECT, so it does not reconnect by itself."""
