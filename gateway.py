@@ -500,7 +500,7 @@ class GatewayServer(socketio.AsyncServer):
     async def _handle_connect(self, eio_sid: str, namespace: str, data: Any) -> None:
         # python-socketio registers a CONNECT that arrives after its session closed, then fails on its environ
         # and keeps the registration for good (a raw client can send one on a transport the server closed).
-        if eio_sid in self.environ and eio_sid not in self.closing:
+        if session_open(self, eio_sid) and eio_sid not in self.closing:
             await super()._handle_connect(eio_sid, namespace, data)
 
     async def _handle_eio_message(self, eio_sid: str, data: Any) -> None:
@@ -520,7 +520,7 @@ class GatewayServer(socketio.AsyncServer):
         self.close_transport(eio_sid)
 
     def close_unconnected(self, eio_sid: str) -> None:
-        if eio_sid in self.environ and self.manager.sid_from_eio_sid(eio_sid, NAMESPACE) is None:
+        if session_open(self, eio_sid) and self.manager.sid_from_eio_sid(eio_sid, NAMESPACE) is None:
             logger.info("closed session %s: no Socket.IO CONNECT within %.0f s", eio_sid, self.connect_timeout)
             self.close_transport(eio_sid)
 
