@@ -214,12 +214,14 @@ async def live():
         yield gateway, url
 
 
-async def dropped_client(gateway, url: str, user_id: str) -> RawClient:
-    """A client that connected, got one event, and dropped; its session is kept once the server noticed."""
+async def dropped_client(gateway, url: str, user_id: str, *, quiet: bool = False) -> RawClient:
+    """A client that connected, got one event (none if `quiet`), and dropped; its session is kept once the server
+    noticed."""
     client = RawClient(url, user_id)
     await client.connect()
-    await gateway.emit_to_user(user_id, "first")
-    await client.until("first")
+    if not quiet:
+        await gateway.emit_to_user(user_id, "first")
+        await client.until("first")
     client.drop()
     await eventually(lambda: gateway.connection_count(user_id) == 0)
     return client
@@ -227,11 +229,8 @@ async def dropped_client(gateway, url: str, user_id: str) -> RawClient:
 
 async def test_a_quiet_client_that_got_no_event_recovers_too(live):
     gateway, url = live
-    client = RawClient(url, "quiet")
-    await client.connect()
+    client = await dropped_client(gateway, url, "quiet", quiet=True)
     assert client.offset is not None  # from the gateway's own connect event
-    client.drop()
-    await eventually(lambda: gateway.connection_count("quiet") == 0)
     await gateway.emit_to_user("quiet", "missed", 1)
     await client.connect()
     assert client.recovered and client.received == [("missed", [1])]
@@ -384,10 +383,7 @@ async def test_a_node_that_delivered_nothing_yet_hands_out_the_historys_newest_o
         async with redis_node(redis_srv.url) as (node_a, _):
             await node_a.emit_to_user("alice", "before", 1)  # alice is not connected
         async with redis_node(redis_srv.url) as (node_b, url_b):  # a node started since
-            alice = RawClient(url_b, "alice")
-            await alice.connect()
-            alice.drop()
-            await eventually(lambda: node_b.connection_count("alice") == 0)
+            alice = await dropped_client(node_b, url_b, "alice", quiet=True)
             await node_b.emit_to_user("alice", "missed", 2)
             await alice.connect()
             assert alice.recovered and alice.received == [("missed", [2])]
@@ -418,10 +414,7 @@ async def test_with_redis_the_window_is_trimmed_by_redis_clock_not_the_nodes(mon
 
     with redis_server() as redis_srv:
         async with redis_node(redis_srv.url) as (gateway, url):
-            alice = RawClient(url, "alice")
-            await alice.connect()  # the stream is empty: its offset is 0-0
-            alice.drop()
-            await eventually(lambda: gateway.connection_count("alice") == 0)
+            alice = await dropped_client(gateway, url, "alice", quiet=True)  # the stream is empty: its offset is 0-0
             ahead = types.SimpleNamespace(time=lambda: time.time() + 3600, monotonic=time.monotonic)
             monkeypatch.setattr(gateway_module, "time", ahead)  # only while alice is away: tokens use the real clock
             await gateway.emit_to_user("alice", "missed", 1)
